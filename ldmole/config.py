@@ -1,0 +1,184 @@
+"""`MoLEConfig`: what gets adapted and how it is routed (a JSON round-trippable dataclass)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+__all__ = ["MoLEConfig", "ROUTERS", "LAMBDA_SHARING", "DEFAULT_TARGET_MODULES"]
+
+ROUTERS = ("sparsegen", "sparsegen_fixed", "topk", "relu", "softmax", "lora")
+LAMBDA_SHARING = ("width", "module", "layer")
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+ExpertSpec = Union[int, list, str]
+
+
+def _closest(value: str, choices: tuple[str, ...] | list[str]) -> str:
+    """' (did you mean X?)' for the closest valid name, or '' when nothing is close."""
+    match = difflib.get_close_matches(str(value), list(choices), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _parse_group_spec(spec: str) -> list[int]:
+    """'2468' -> [2, 4, 6, 8]; '16,16,8,8' -> [16, 16, 8, 8] (comma form for counts above 9)."""
+    parts = spec.split(",") if "," in spec else list(spec)
+    if not parts or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(
+            f"num_experts={spec!r}: a group spec is a string of digits such as '8888' or '2468' "
+            "(or comma-separated counts such as '16,16,8,8')"
+        )
+    return [int(p) for p in parts]
+
+
+@dataclass
+class MoLEConfig:
+    """Mixture-of-LoRA-experts settings; every field is saved to ``mole_config.json``."""
+
+    router: str = field(
+        default="sparsegen",
+        metadata={"help": "Routing function: sparsegen (LD-MoLE, λ from the λ-MLP), sparsegen_fixed "
+                  "(constant λ = fixed_lambda), topk (MoLA), relu (ReMoLE), softmax (dense MoLE), "
+                  "lora (one expert, no router: plain LoRA)."},
+    )
+    num_experts: ExpertSpec = field(
+        default=8,
+        metadata={"help": "Experts per adapted layer: an int, a per-layer list, or a MoLA group spec "
+                  "such as '8888' / '2468' (the layers split into len(spec) contiguous groups)."},
+    )
+    top_k: int = field(
+        default=2,
+        metadata={"help": "topk: experts kept per token. relu: target active experts for the ReMoLE "
+                  "L1 controller (target sparsity 1 - top_k/E)."},
+    )
+    r: int = field(default=8, metadata={"help": "LoRA rank of each expert."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the expert sum is scaled by alpha / r."})
+    dropout: float = field(default=0.1, metadata={"help": "Dropout on the experts' input."})
+    target_modules: Union[list, str] = field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        metadata={"help": "nn.Linear modules to adapt: a list of name suffixes (q_proj matches "
+                  "model.layers.0.self_attn.q_proj) or one regex matched against the full name."},
+    )
+    trainable_modules: list = field(
+        default_factory=lambda: ["score", "classifier"],
+        metadata={"help": "Name suffixes of extra modules trained in full when present "
+                  "(classification heads); absent names are ignored."},
+    )
+    lambda_hidden: int = field(default=256, metadata={"help": "Hidden width H of the λ-MLP (d_in -> H -> 1)."})
+    lambda_sharing: str = field(
+        default="width",
+        metadata={"help": "One λ-MLP per input width across all layers and module types (width, the "
+                  "reference release), per module type (module), or per decoder layer and width (layer)."},
+    )
+    fixed_lambda: Union[float, None] = field(
+        default=None, metadata={"help": "λ for router=sparsegen_fixed (required there, must be < 1)."}
+    )
+    lambda_eps: float = field(
+        default=0.01, metadata={"help": "λ = logsigmoid(MLP(x)) + 1 - lambda_eps, so λ < 1 - lambda_eps."}
+    )
+    lambda_bias_init: float = field(
+        default=-2.5, metadata={"help": "Initial value of every λ-MLP bias (-2.5: λ ≈ -1.59, near-dense start)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.router not in ROUTERS:
+            raise ValueError(f"router={self.router!r} is unknown{_closest(self.router, ROUTERS)}; choose one of {ROUTERS}")
+        if self.lambda_sharing not in LAMBDA_SHARING:
+            raise ValueError(
+                f"lambda_sharing={self.lambda_sharing!r} is unknown{_closest(self.lambda_sharing, LAMBDA_SHARING)}; "
+                f"choose one of {LAMBDA_SHARING}"
+            )
+        if not (0.0 < float(self.lambda_eps) < 1.0):
+            raise ValueError(f"lambda_eps={self.lambda_eps} must lie in (0, 1)")
+        for name in ("r", "top_k", "lambda_hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+        if not (0.0 <= float(self.dropout) < 1.0):
+            raise ValueError(f"dropout={self.dropout} must lie in [0, 1)")
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if not self.target_modules:
+            raise ValueError("target_modules is empty: name at least one nn.Linear (e.g. ['q_proj', 'v_proj'])")
+        if self.router == "sparsegen_fixed":
+            if self.fixed_lambda is None or not float(self.fixed_lambda) < 1.0:
+                raise ValueError(
+                    f"fixed_lambda={self.fixed_lambda!r}: router=sparsegen_fixed needs fixed_lambda < 1 (e.g. 0.5)"
+                )
+        counts = self._known_counts()
+        if self.router == "lora" and counts != [1]:
+            raise ValueError(f"num_experts={self.num_experts!r}: router=lora is a single LoRA; set num_experts=1")
+        if self.router in ("topk", "relu") and counts and self.top_k > min(counts):
+            raise ValueError(
+                f"top_k={self.top_k} exceeds num_experts={self.num_experts!r} (smallest layer has {min(counts)} "
+                "experts); lower top_k or add experts"
+            )
+
+    def _known_counts(self) -> list[int]:
+        """Every expert count named by num_experts (validated), independent of the layer count."""
+        spec = self.num_experts
+        if isinstance(spec, bool):
+            raise ValueError(f"num_experts={spec!r} must be an int, a list of ints or a group spec like '2468'")
+        if isinstance(spec, int):
+            counts = [spec]
+        elif isinstance(spec, (list, tuple)):
+            if not spec or not all(isinstance(c, int) and not isinstance(c, bool) for c in spec):
+                raise ValueError(f"num_experts={spec!r}: a per-layer list must be a non-empty list of ints")
+            self.num_experts = counts = list(spec)
+        elif isinstance(spec, str):
+            counts = _parse_group_spec(spec)
+        else:
+            raise ValueError(f"num_experts={spec!r} must be an int, a list of ints or a group spec like '2468'")
+        if any(c < 1 for c in counts):
+            raise ValueError(f"num_experts={spec!r}: every layer needs at least 1 expert")
+        return sorted(set(counts))
+
+    def experts_per_layer(self, num_layers: int) -> list[int]:
+        """Expert count of each of ``num_layers`` layers (bottom to top).
+
+        A group spec splits the layers into contiguous groups as evenly as possible, earlier groups
+        taking the extra layer when the split is uneven ('2468' on 28 layers: 7 layers each).
+        """
+        spec = self.num_experts
+        if isinstance(spec, int):
+            return [spec] * num_layers
+        if isinstance(spec, list):
+            if len(spec) != num_layers:
+                raise ValueError(
+                    f"num_experts has {len(spec)} entries but the model has {num_layers} adapted layers; "
+                    "give one count per layer or a group spec such as '2468'"
+                )
+            return list(spec)
+        groups = _parse_group_spec(spec)
+        if num_layers < len(groups):
+            raise ValueError(f"num_experts={spec!r} has {len(groups)} groups but the model has only {num_layers} layers")
+        base, extra = divmod(num_layers, len(groups))
+        counts: list[int] = []
+        for g, count in enumerate(groups):
+            counts.extend([count] * (base + (1 if g < extra else 0)))
+        return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MoLEConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error naming the key."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in names:
+                raise ValueError(f"MoLEConfig has no field {key!r}{_closest(key, names)}; fields: {names}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        """JSON text of :meth:`to_dict`."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "MoLEConfig":
+        """Inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(text))

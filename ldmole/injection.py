@@ -1,0 +1,159 @@
+"""Turning a stock model into a MoLE model: find targeted ``nn.Linear`` layers and replace them."""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import MoLEConfig
+from .lambda_mlp import LambdaMLP
+from .layer import MoLELinear
+from .records import RoutingContext
+
+__all__ = ["get_mole_model", "mole_layers", "mole_parameters", "mole_config_of", "LAMBDA_MLPS_ATTR"]
+
+LAMBDA_MLPS_ATTR = "ldmole_lambda_mlps"
+_CONFIG_ATTR = "ldmole_config"
+_CONTEXT_ATTR = "ldmole_routing_context"
+
+
+def _matches(name: str, targets) -> bool:
+    """PEFT-style matching: a list of name suffixes, or one regex matched against the full name."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _layer_index(name: str) -> Optional[int]:
+    """The first all-digit component of a module name (``model.layers.12.mlp.up_proj`` -> 12)."""
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def _lambda_key(sharing: str, module_type: str, layer_index: int, width: int) -> str:
+    """Key of the λ-MLP a module uses under ``lambda_sharing`` (ModuleDict keys may not hold '.')."""
+    if sharing == "width":
+        return f"width{width}"
+    if sharing == "module":
+        return f"{module_type}_width{width}"
+    return f"layer{layer_index}_width{width}"
+
+
+def mole_layers(model: nn.Module) -> list[MoLELinear]:
+    """Every ``MoLELinear`` of ``model`` in module order."""
+    return [m for m in model.modules() if isinstance(m, MoLELinear)]
+
+
+def mole_config_of(model: nn.Module) -> Optional[MoLEConfig]:
+    """The ``MoLEConfig`` that :func:`get_mole_model` applied to ``model``, or None."""
+    return getattr(model, _CONFIG_ATTR, None)
+
+
+def mole_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters that MoLE trains, by name: experts, routers, λ-MLPs (once) and trained heads.
+
+    This is the protocol that decides what is trainable and what :func:`ldmole.save_mole` writes.
+    """
+    config = mole_config_of(model)
+    heads = config.trainable_modules if config is not None else []
+    params: dict[str, nn.Parameter] = {}
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, MoLELinear):
+            owned = [("lora_A", module.lora_A), ("lora_B", module.lora_B)]
+            if module.router is not None:
+                owned.append(("router.weight", module.router.weight))
+        elif module_name == LAMBDA_MLPS_ATTR or (heads and _matches(module_name, heads)):
+            owned = list(module.named_parameters())
+        else:
+            continue
+        for param_name, param in owned:
+            params[prefix + param_name] = param
+    return params
+
+
+def _register_hooks(model: nn.Module, context: RoutingContext) -> None:
+    """Begin/end the shared routing context around every forward of ``model``."""
+
+    def begin(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and torch.is_tensor(args[0]) and torch.is_tensor(args[1]):
+            mask = args[1] if args[1].shape == args[0].shape[:2] else None
+        context.begin(mask)
+
+    def end(module, args, output):
+        context.end()
+
+    model.register_forward_pre_hook(begin, with_kwargs=True)
+    model.register_forward_hook(end)
+
+
+def get_mole_model(model: nn.Module, config: MoLEConfig) -> nn.Module:
+    """Replaces every targeted ``nn.Linear`` of ``model`` by a ``MoLELinear`` (in place) and returns it.
+
+    Works for any model built of ``nn.Linear`` (Qwen3 / Llama causal-LM and sequence-classification
+    models of transformers 4.51+ and 5.x included): layers return plain tensors, so the stock
+    modeling code runs unchanged. Every base parameter is frozen; only :func:`mole_parameters`
+    train. λ-MLPs are registered once under ``model.ldmole_lambda_mlps``.
+
+    Raises:
+        ValueError: the model is already a MoLE model, ``target_modules`` matches no ``nn.Linear``,
+            or the per-layer expert counts do not fit the model (naming the field).
+    """
+    if mole_layers(model):
+        raise ValueError("model already has MoLE layers; build a fresh base model to apply another MoLEConfig")
+    targets = [
+        (name, module) for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name and _matches(name, config.target_modules)
+    ]
+    if not targets:
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and n})
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched no nn.Linear in {type(model).__name__}; "
+            f"its linear layers end in {linear_names[:20]}"
+        )
+    layer_ids = sorted({_layer_index(name) or 0 for name, _ in targets})
+    counts = dict(zip(layer_ids, config.experts_per_layer(len(layer_ids))))
+    if config.router == "topk" and config.top_k > min(counts.values()):
+        raise ValueError(f"top_k={config.top_k} exceeds the {min(counts.values())} experts of some layer (num_experts={config.num_experts!r})")
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+    context = RoutingContext()
+    lambda_mlps = nn.ModuleDict()
+    for name, base in targets:
+        layer_index = _layer_index(name) or 0
+        module_type = name.rsplit(".", 1)[-1]
+        lambda_mlp = None
+        if config.router == "sparsegen":
+            key = _lambda_key(config.lambda_sharing, module_type, layer_index, base.in_features)
+            if key not in lambda_mlps:
+                lambda_mlps[key] = LambdaMLP(
+                    base.in_features, config.lambda_hidden, config.lambda_eps, config.lambda_bias_init
+                ).to(base.weight.device).train(base.training)
+                context.lambda_mlps.append(lambda_mlps[key])
+            lambda_mlp = lambda_mlps[key]
+        layer = MoLELinear(
+            base, num_experts=counts[layer_index], r=config.r, alpha=config.alpha, dropout=config.dropout,
+            router=config.router, top_k=config.top_k, lambda_mlp=lambda_mlp,
+            fixed_lambda=config.fixed_lambda, name=name, layer_index=layer_index,
+        )
+        layer.routing_context = context
+        layer.train(base.training)  # new modules start in training mode; keep the model's mode
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child_name, layer)
+
+    if len(lambda_mlps):
+        model.add_module(LAMBDA_MLPS_ATTR, lambda_mlps)
+    setattr(model, _CONFIG_ATTR, config)
+    setattr(model, _CONTEXT_ATTR, context)
+    _register_hooks(model, context)
+    for param in mole_parameters(model).values():
+        param.requires_grad_(True)
+    return model

@@ -1,0 +1,141 @@
+"""`MoLELinear`: a frozen ``nn.Linear`` plus E routed LoRA experts, returning a plain tensor."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lambda_mlp import LambdaMLP
+from .records import RoutingContext, RoutingRecord
+from .routing import route
+
+__all__ = ["MoLELinear"]
+
+
+class MoLELinear(nn.Module):
+    """out = base_layer(x) + (alpha / r) Σ_e p_e B_e A_e dropout(x), with p = route(W_g x).
+
+    The experts run as one rank-(E·r) LoRA whose hidden units are scaled by the routing weights:
+    h = A_cat dropout(x) ([..., E·r]), h_e *= p_e, out += (alpha/r) B_cat h. No [tokens, E, d_out]
+    tensor is ever built. Router scores, routing and λ are computed in float32 (also under
+    autocast) from the module input x; the experts see dropout(x). Routing uses no host sync.
+
+    Args:
+        base_layer: the frozen ``nn.Linear`` (d_in -> d_out) being adapted.
+        num_experts: E (1 with ``router="lora"``).
+        r: rank of each expert.
+        alpha: LoRA alpha (scaling alpha / r).
+        dropout: dropout probability on the experts' input.
+        router: routing kind (``MoLEConfig.router``); ``"lora"`` means one expert and no router.
+        top_k: experts per token for ``router="topk"``.
+        lambda_mlp: the shared λ predictor for ``router="sparsegen"``. It is owned by the model
+            (registered once, not under every layer) so this layer only holds a reference.
+        fixed_lambda: λ for ``router="sparsegen_fixed"``.
+        name, layer_index: identify the layer in routing records.
+
+    Parameters: ``lora_A [E, r, d_in]`` (kaiming-uniform per expert), ``lora_B [E, d_out, r]`` (zero,
+    so the model starts as the base model), ``router`` = ``nn.Linear(d_in, E, bias=False)`` (None for
+    lora). Adapter parameters are float32 whatever the base dtype.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        num_experts: int,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        router: str = "sparsegen",
+        top_k: int = 2,
+        lambda_mlp: Optional[LambdaMLP] = None,
+        fixed_lambda: Optional[float] = None,
+        name: str = "",
+        layer_index: int = 0,
+    ) -> None:
+        super().__init__()
+        if router == "sparsegen" and lambda_mlp is None:
+            raise ValueError("router='sparsegen' needs a lambda_mlp")
+        if router == "sparsegen_fixed" and (fixed_lambda is None or not fixed_lambda < 1):
+            raise ValueError(f"router='sparsegen_fixed' needs fixed_lambda < 1, got {fixed_lambda!r}")
+        if router == "lora" and num_experts != 1:
+            raise ValueError(f"router='lora' is one expert, got num_experts={num_experts}")
+        if router == "topk" and top_k > num_experts:
+            raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts} in {name or 'this layer'}")
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.num_experts = num_experts
+        self.r = r
+        self.scaling = alpha / r
+        self.router_kind = router
+        self.top_k = top_k
+        self.fixed_lambda = fixed_lambda
+        self.name = name
+        self.layer_index = layer_index
+        self.module_type = name.rsplit(".", 1)[-1] if name else "linear"
+        device = base_layer.weight.device
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(num_experts, r, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, r, device=device))
+        self.router = None if router == "lora" else nn.Linear(self.in_features, num_experts, bias=False, device=device)
+        # Held in a list so the shared module is not registered (and saved) under every layer.
+        self._lambda_mlp = [lambda_mlp] if lambda_mlp is not None else []
+        self.routing_context = RoutingContext(standalone=True)
+        if lambda_mlp is not None:
+            self.routing_context.lambda_mlps.append(lambda_mlp)
+        self.reset_adapter_parameters()
+
+    def reset_adapter_parameters(self) -> None:
+        """A_e kaiming-uniform(a=√5) with fan-in d_in, B_e = 0, router kaiming-uniform(a=√5)."""
+        with torch.no_grad():
+            for expert in range(self.num_experts):
+                nn.init.kaiming_uniform_(self.lora_A[expert], a=math.sqrt(5))
+            self.lora_B.zero_()
+            if self.router is not None:
+                nn.init.kaiming_uniform_(self.router.weight, a=math.sqrt(5))
+
+    @property
+    def lambda_mlp(self) -> Optional[LambdaMLP]:
+        return self._lambda_mlp[0] if self._lambda_mlp else None
+
+    def extra_repr(self) -> str:
+        return f"router={self.router_kind}, num_experts={self.num_experts}, r={self.r}, scaling={self.scaling}"
+
+    def _route(self, x: torch.Tensor) -> torch.Tensor:
+        """Routing weights [..., E] (float32); stores the layer's routing record."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x32 = x.float()
+            scores = F.linear(x32, self.router.weight.float())
+            lam = None
+            if self.router_kind == "sparsegen":
+                lam = self.lambda_mlp(x)
+            elif self.router_kind == "sparsegen_fixed":
+                lam = torch.full(scores.shape[:-1], self.fixed_lambda, dtype=scores.dtype, device=scores.device)
+            weights = route(scores, self.router_kind, top_k=self.top_k, lam=lam)
+        ctx = self.routing_context
+        ctx.add(RoutingRecord(self.name, self.layer_index, self.module_type, self.router_kind,
+                              scores, weights, lam, ctx.token_mask(scores)))
+        if ctx.standalone and self.lambda_mlp is not None:
+            self.lambda_mlp.clear_cache()
+        return weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        x_drop = self.lora_dropout(x)
+        dtype = x_drop.dtype
+        lora_A = self.lora_A.to(dtype)
+        lora_B = self.lora_B.to(dtype)
+        if self.router is None:
+            hidden = F.linear(x_drop, lora_A[0])
+            update = F.linear(hidden, lora_B[0])
+        else:
+            weights = self._route(x)
+            hidden = F.linear(x_drop, lora_A.reshape(self.num_experts * self.r, self.in_features))
+            hidden = hidden.unflatten(-1, (self.num_experts, self.r)) * weights.unsqueeze(-1).to(hidden.dtype)
+            b_cat = lora_B.permute(1, 0, 2).reshape(self.out_features, self.num_experts * self.r)
+            update = F.linear(hidden.flatten(-2), b_cat)
+        return result + (update * self.scaling).to(result.dtype)

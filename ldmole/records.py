@@ -1,0 +1,95 @@
+"""Routing records: what each MoLE layer routed in the last forward, for the losses and statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = ["RoutingRecord", "RoutingContext", "routing_records"]
+
+
+@dataclass
+class RoutingRecord:
+    """One MoLE layer's routing in the last forward.
+
+    Attributes:
+        name: qualified module name (``model.layers.3.self_attn.q_proj``).
+        layer_index: decoder layer index parsed from the name (0 when the name has none).
+        module_type: last name component (``q_proj``).
+        router: the router kind (see ``MoLEConfig.router``).
+        scores: ``[..., E]`` float32 gating scores u.
+        weights: ``[..., E]`` float32 routing weights p.
+        lam: ``[...]`` float32 λ for Sparsegen routers, else None.
+        mask: ``[...]`` bool, True on real tokens, or None when no 2-D attention mask was given.
+    """
+
+    name: str
+    layer_index: int
+    module_type: str
+    router: str
+    scores: torch.Tensor
+    weights: torch.Tensor
+    lam: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]
+
+    @property
+    def num_experts(self) -> int:
+        return self.weights.shape[-1]
+
+
+class RoutingContext:
+    """State shared by the MoLE layers of one model for the duration of a forward.
+
+    The model's forward pre-hook calls :meth:`begin` (new records, the attention mask, empty λ
+    caches), its forward hook calls :meth:`end`. Layers record only between the two, so the
+    recomputation that gradient checkpointing runs during backward adds no records. A layer used
+    on its own gets a ``standalone`` context that always records and keeps only its last forward.
+    """
+
+    def __init__(self, standalone: bool = False) -> None:
+        self.standalone = standalone
+        self.recording = standalone
+        self.mask: Optional[torch.Tensor] = None
+        self.records: dict[str, RoutingRecord] = {}
+        self.lambda_mlps: list[nn.Module] = []
+
+    def _clear_lambda_caches(self) -> None:
+        for mlp in self.lambda_mlps:
+            mlp.clear_cache()
+
+    def begin(self, attention_mask: Optional[torch.Tensor]) -> None:
+        """Starts a model forward: fresh records, this forward's 2-D attention mask (or None)."""
+        self.records = {}
+        self.mask = attention_mask if torch.is_tensor(attention_mask) and attention_mask.dim() == 2 else None
+        self._clear_lambda_caches()
+        self.recording = True
+
+    def end(self) -> None:
+        """Ends a model forward: stops recording and releases the cached λ inputs."""
+        self.recording = False
+        self._clear_lambda_caches()
+
+    def token_mask(self, scores: torch.Tensor) -> Optional[torch.Tensor]:
+        """The attention mask aligned with ``scores [B, T, E]``: its last T columns (decode-safe)."""
+        mask = self.mask
+        if mask is None or scores.dim() != 3 or mask.shape[0] != scores.shape[0] or mask.shape[1] < scores.shape[1]:
+            return None
+        return mask[:, mask.shape[1] - scores.shape[1]:].bool()
+
+    def add(self, record: RoutingRecord) -> None:
+        """Stores a layer's record (replacing the layer's previous one in this forward)."""
+        if self.recording:
+            self.records[record.name] = record
+
+
+def routing_records(model: nn.Module) -> list[RoutingRecord]:
+    """The records of every MoLE layer of ``model`` (or of one ``MoLELinear``) from its last forward."""
+    contexts: list[RoutingContext] = []
+    for module in model.modules():
+        ctx = getattr(module, "routing_context", None)
+        if isinstance(ctx, RoutingContext) and all(ctx is not c for c in contexts):
+            contexts.append(ctx)
+    return [record for ctx in contexts for record in ctx.records.values()]
