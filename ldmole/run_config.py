@@ -83,6 +83,8 @@ def compose_config(overrides: Sequence[str] | dict[str, Any] = (), config_dir: P
 
     config["mole"] = dict(config.get("mole") or {})
     for key, value in overrides.items():
+        if isinstance(value, bool) and isinstance(config.get(key), str):
+            value = "no" if value is False else "yes"  # YAML reads a bare no/yes as a bool
         top, _, sub = key.partition(".")
         if top == "mole" and sub:
             config["mole"][sub] = value

@@ -27,7 +27,7 @@ from .data import collate, encode_classification, encode_qa, get_chat_format, lo
 from .data.features import IGNORE_INDEX
 from .evaluation import classification_metrics, option_scores, qa_metrics
 from .injection import get_mole_model, mole_parameters
-from .models import language_model_parts, load_base_model, load_tokenizer
+from .models import language_model_parts, load_base_model, load_tokenizer, resolve_model_source
 from .records import routing_records
 from .run_config import mole_config_from
 
@@ -163,7 +163,7 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
                      selection_size=config.get("selection_size"), seed=int(config["seed"]),
                      skip_bad_rows=bool(config["skip_bad_rows"]))
     kind = task.spec.kind
-    tokenizer = load_tokenizer(str(config.get("tokenizer") or config["model_source"]))
+    tokenizer = load_tokenizer(str(config.get("tokenizer") or resolve_model_source(str(config["model_source"]))))
     chat_format = get_chat_format(config["chat_format"])
     max_length = int(config.get("max_length") or task.spec.max_length)
     train_examples = list(task.train)

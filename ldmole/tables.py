@@ -1,0 +1,359 @@
+"""Results tables in the paper's layout: every ``metrics.json`` under a folder -> one table per model.
+
+Rows are methods (ours, then the published numbers of PAPER.md §5 and ours − published where the
+paper has that row), columns are the paper's nine tasks, the average and the mean number of active
+experts. A cell is the mean accuracy (%) over the seeds found, "± std (n=…)" when there are several;
+a task without runs stays missing ("—"), it is never filled in.
+
+Averages: ``Avg`` is the mean over all nine tasks and is shown only for rows that have all nine
+(so it compares with the paper's Avg). When some row of a table lacks a task, the table also gets
+"Avg (shared)": the mean over the tasks that every one of our rows in that table has (named in a
+footnote), with the published numbers averaged over the same tasks. No row is ever averaged over
+a different task set than the row it is compared with.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import yaml
+
+__all__ = ["TASK_COLUMNS", "METHOD_LABELS", "PUBLISHED", "FULL_EVAL_SIZES", "RunResult", "Cell", "ModelTable",
+           "collect_runs", "build_tables", "format_markdown", "write_tables"]
+
+# (task config name, column title), in the paper's order.
+TASK_COLUMNS: list[tuple[str, str]] = [
+    ("mmlu_pro", "MMLU-Pro"), ("arc_c", "ARC-C"), ("arc_e", "ARC-E"), ("obqa", "OBQA"), ("csqa", "CSQA"),
+    ("swag", "SWAG"), ("hellaswag", "HellaSwag"), ("cola", "CoLA"), ("rte", "RTE"),
+]
+TASKS = [task for task, _ in TASK_COLUMNS]
+
+# Method config name -> row label; the paper's four first, in its order, then our extra baselines.
+METHOD_LABELS: dict[str, str] = {
+    "mola_8888": "MoLA 8888", "mola_2468": "MoLA 2468", "remole": "ReMoLE", "ldmole": "LD-MoLE",
+    "softmax": "MoLE (softmax)", "sparsegen_fixed": "Sparsegen (fixed λ)", "lora": "LoRA",
+}
+
+# PAPER.md §5, typed in: accuracy % per task, and the paper's own Avg. Keyed by model config name.
+PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
+    "llama3.2_3b": {
+        "mola_8888": {"mmlu_pro": 40.3, "arc_c": 71.6, "arc_e": 83.5, "obqa": 81.0, "csqa": 79.8,
+                      "swag": 83.6, "hellaswag": 87.5, "cola": 85.8, "rte": 90.6, "avg": 78.2},
+        "mola_2468": {"mmlu_pro": 42.31, "arc_c": 71.91, "arc_e": 83.9, "obqa": 83.6, "csqa": 80.0,
+                      "swag": 84.0, "hellaswag": 87.31, "cola": 86.0, "rte": 89.5, "avg": 78.72},
+        "remole": {"mmlu_pro": 48.01, "arc_c": 75.25, "arc_e": 89.3, "obqa": 83.4, "csqa": 79.5,
+                   "swag": 90.5, "hellaswag": 93.44, "cola": 84.0, "rte": 89.5, "avg": 81.42},
+        "ldmole": {"mmlu_pro": 49.58, "arc_c": 74.58, "arc_e": 89.5, "obqa": 83.8, "csqa": 80.3,
+                   "swag": 90.8, "hellaswag": 93.60, "cola": 85.5, "rte": 91.0, "avg": 82.05},
+    },
+    "llama3.1_8b": {
+        "ldmole": {"mmlu_pro": 55.98, "arc_c": 83.7, "arc_e": 91.6, "obqa": 88.0, "csqa": 83.0,
+                   "swag": 92.29, "hellaswag": 95.45, "cola": 85.3, "rte": 91.3, "avg": 85.18},
+    },
+}
+
+# Size of each task's evaluation split under the default protocol (PAPER.md §4; MMLU-Pro: its
+# 10% test carve). A run scored on fewer examples (eval_max_examples) is marked in the table.
+FULL_EVAL_SIZES: dict[str, int] = {
+    "arc_c": 299, "arc_e": 570, "obqa": 500, "csqa": 1221, "swag": 20006, "hellaswag": 10042,
+    "mmlu_pro": 1203, "cola": 1043, "rte": 277,
+}
+
+MISSING = "—"
+SUBSET_MARK = "†"
+# Settings that may differ between the runs averaged into one cell.
+PER_RUN_KEYS = {"seed", "output_dir"}
+
+
+@dataclass
+class RunResult:
+    """What one finished run contributes: its identity, accuracy (%), routing summary and settings."""
+
+    path: Path
+    model: str
+    task: str
+    method: str
+    seed: int
+    accuracy: float
+    num_eval_examples: Optional[int]
+    avg_active_experts: Optional[float]
+    protocol: Optional[str]
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class Cell:
+    """The runs of one (model, method, task): mean and sample std of the accuracy (%)."""
+
+    runs: list[RunResult]
+
+    @property
+    def values(self) -> np.ndarray:
+        return np.array([run.accuracy for run in self.runs], dtype=float)
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def mean(self) -> float:
+        return float(self.values.mean())
+
+    @property
+    def std(self) -> Optional[float]:
+        return float(self.values.std(ddof=1)) if self.n > 1 else None
+
+    @property
+    def subset(self) -> bool:
+        """True when a run was scored on fewer examples than the task's full evaluation split."""
+        full = FULL_EVAL_SIZES.get(self.runs[0].task)
+        return full is not None and any(r.num_eval_examples is not None and r.num_eval_examples < full for r in self.runs)
+
+
+@dataclass
+class ModelTable:
+    """One model's table: ``cells[method][task]``, the methods in row order, and footnotes."""
+
+    model: str
+    methods: list[str]
+    cells: dict[str, dict[str, Cell]]
+    active_experts: dict[str, Optional[float]]
+    shared_tasks: Optional[list[str]]  # set when some row lacks a task (the "Avg (shared)" column)
+    notes: list[str]
+
+    @property
+    def published(self) -> dict[str, dict[str, float]]:
+        return PUBLISHED.get(self.model, {})
+
+    def ours_avg(self, method: str) -> Optional[float]:
+        """Mean over all nine tasks, or None when the row lacks one."""
+        row = self.cells.get(method, {})
+        return float(np.mean([row[t].mean for t in TASKS])) if all(t in row for t in TASKS) else None
+
+    def ours_shared_avg(self, method: str) -> Optional[float]:
+        if not self.shared_tasks:
+            return None
+        return float(np.mean([self.cells[method][t].mean for t in self.shared_tasks]))
+
+    def published_shared_avg(self, method: str) -> Optional[float]:
+        pub = self.published.get(method)
+        if pub is None or not self.shared_tasks:
+            return None
+        return float(np.mean([pub[t] for t in self.shared_tasks]))
+
+
+def _read_run(path: Path) -> RunResult:
+    metrics = json.loads(path.read_text())
+    for key in ("model", "task", "method", "seed", "accuracy"):
+        if key not in metrics:
+            raise ValueError(f"{path} has no {key!r}; is it a metrics.json written by ldmole.trainer?")
+    config_path = path.parent / "config.yaml"
+    config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
+    return RunResult(
+        path=path.parent, model=str(metrics["model"]), task=str(metrics["task"]), method=str(metrics["method"]),
+        seed=int(metrics["seed"]), accuracy=100.0 * float(metrics["accuracy"]),  # metrics.json stores a fraction
+        num_eval_examples=metrics.get("num_eval_examples"),
+        avg_active_experts=(metrics.get("routing") or {}).get("avg_active_experts"),
+        protocol=metrics.get("protocol"), config=config if isinstance(config, dict) else {},
+    )
+
+
+def collect_runs(root: Union[str, Path]) -> list[RunResult]:
+    """Every ``metrics.json`` under ``root`` (sorted by path).
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        ValueError: a metrics file lacks a key, or two runs share model, task, method and seed
+            (both paths named: point at one sweep root so no setting is counted twice).
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"{root} does not exist; pass the folder that holds the runs (e.g. runs/)")
+    runs = [_read_run(path) for path in sorted(root.rglob("metrics.json"))]
+    seen: dict[tuple, Path] = {}
+    for run in runs:
+        key = (run.model, run.task, run.method, run.seed)
+        if key in seen:
+            raise ValueError(
+                f"two runs of model={run.model} task={run.task} method={run.method} seed={run.seed}: "
+                f"{seen[key]} and {run.path}; point make_tables at one sweep root (or move one away)"
+            )
+        seen[key] = run.path
+    return runs
+
+
+def _method_order(methods: Sequence[str]) -> list[str]:
+    known = [m for m in METHOD_LABELS if m in methods]
+    return known + sorted(m for m in methods if m not in METHOD_LABELS)
+
+
+def _differing_settings(runs: Sequence[RunResult]) -> list[str]:
+    """Config keys (other than seed and output dir) whose values differ between ``runs``."""
+    keys = set().union(*(run.config for run in runs)) - PER_RUN_KEYS
+    return sorted(k for k in keys if len({json.dumps(run.config.get(k), sort_keys=True, default=str) for run in runs}) > 1)
+
+
+def build_tables(runs: Sequence[RunResult]) -> list[ModelTable]:
+    """Groups runs into one table per model (models sorted by name)."""
+    by_model: dict[str, list[RunResult]] = {}
+    for run in runs:
+        by_model.setdefault(run.model, []).append(run)
+    tables = []
+    for model in sorted(by_model):
+        model_runs = by_model[model]
+        notes: list[str] = []
+        ignored = sorted({r.task for r in model_runs if r.task not in TASKS})
+        if ignored:
+            notes.append(f"Runs of {', '.join(ignored)} are not shown (not a column of the paper's table).")
+        cells: dict[str, dict[str, Cell]] = {}
+        for run in sorted(model_runs, key=lambda r: r.seed):
+            if run.task in TASKS:
+                cells.setdefault(run.method, {}).setdefault(run.task, Cell([])).runs.append(run)
+        methods = _method_order(list(cells))
+        for method in methods:
+            for task, cell in cells[method].items():
+                differing = _differing_settings(cell.runs)
+                if differing:
+                    notes.append(f"{METHOD_LABELS.get(method, method)} / {task}: the {cell.n} runs averaged differ in "
+                                 f"{', '.join(differing)} (not only the seed).")
+        active = {}
+        for method in methods:
+            values = [r.avg_active_experts for row in cells[method].values() for r in row.runs
+                      if r.avg_active_experts is not None]
+            active[method] = float(np.mean(values)) if values else None
+        complete = all(all(t in cells[m] for t in TASKS) for m in methods)
+        shared = None
+        if not complete:
+            shared = [t for t in TASKS if all(t in cells[m] for m in methods)]
+        tables.append(ModelTable(model, methods, cells, active, shared, notes))
+    return tables
+
+
+def _number(value: Optional[float], digits: int, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _cell_text(cell: Optional[Cell], digits: int) -> str:
+    if cell is None:
+        return MISSING
+    text = _number(cell.mean, digits)
+    if cell.std is not None:
+        text += f" ± {cell.std:.{digits}f} (n={cell.n})"
+    return text + (SUBSET_MARK if cell.subset else "")
+
+
+def _rows(table: ModelTable, digits: int) -> list[tuple[str, str, list[Optional[float]], list[str]]]:
+    """(method, source, numeric values, display texts) for every row of a table, in order."""
+    rows = []
+    for method in table.methods:
+        label = METHOD_LABELS.get(method, method)
+        row = table.cells[method]
+        ours = [row[t].mean if t in row else None for t in TASKS] + [table.ours_avg(method)]
+        texts = [_cell_text(row.get(t), digits) for t in TASKS] + [_number(table.ours_avg(method), digits)]
+        if table.shared_tasks is not None:
+            ours.append(table.ours_shared_avg(method))
+            texts.append(_number(table.ours_shared_avg(method), digits))
+        ours.append(table.active_experts[method])
+        texts.append(_number(table.active_experts[method], 2))
+        rows.append((method, "ours", ours, texts))
+        pub = table.published.get(method)
+        if pub is None:
+            continue
+        published = [pub[t] for t in TASKS] + [pub["avg"]]
+        if table.shared_tasks is not None:
+            published.append(table.published_shared_avg(method))
+        published.append(None)
+        rows.append((method, "published", published, [_number(v, digits) for v in published[:-1]] + [""]))
+        diff = [None if a is None or b is None else a - b for a, b in zip(ours[:-1], published[:-1])] + [None]
+        rows.append((method, "ours − published", diff, [_number(v, digits, signed=True) for v in diff[:-1]] + [""]))
+    return rows
+
+
+def _headers(table: ModelTable) -> list[str]:
+    headers = [title for _, title in TASK_COLUMNS] + ["Avg"]
+    if table.shared_tasks is not None:
+        headers.append("Avg (shared)")
+    return headers + ["active experts"]
+
+
+def _footnotes(table: ModelTable, runs_total: int) -> list[str]:
+    notes = [f"Accuracy (%) on each task's evaluation split, {runs_total} runs; mean ± sample std (n = seeds) "
+             "where a cell has several seeds, one run otherwise; — = no run (never filled in)."]
+    notes.append("Avg = mean over all nine tasks, shown only for rows that have all nine.")
+    if table.shared_tasks is not None:
+        shared = ", ".join(title for task, title in TASK_COLUMNS if task in table.shared_tasks) or "none"
+        notes.append(f"Avg (shared) = mean over the tasks every row of ours in this table has ({shared}); "
+                     "the published row is averaged over the same tasks.")
+    notes.append("active experts = mean over this row's runs of the average number of experts with nonzero "
+                 "weight per token and adapted module (evaluation split); it depends on the tasks run.")
+    if table.published:
+        notes.append("published = PAPER.md §5 (one run each, best epoch picked on the reported split); "
+                     "ours − published in accuracy points.")
+    else:
+        notes.append("No published numbers for this model in PAPER.md §5 (Llama-3.2-3B; LD-MoLE on Llama-3.1-8B).")
+    if any(c.subset for row in table.cells.values() for c in row.values()):
+        notes.append(f"{SUBSET_MARK} scored on fewer examples than the task's full evaluation split "
+                     "(eval_max_examples): not comparable with the published numbers.")
+    protocols = sorted({r.protocol for row in table.cells.values() for c in row.values() for r in c.runs if r.protocol})
+    if protocols and protocols != ["reference"]:
+        notes.append(f"Our runs use protocol={'/'.join(protocols)}: the best epoch is picked on a split carved from "
+                     "train, not on the reported split as in the paper, so a small gap in the paper's favour is expected.")
+    return notes + table.notes
+
+
+def format_markdown(tables: Sequence[ModelTable], digits: int = 1) -> str:
+    """All tables as Markdown, one ``###`` section per model with its footnotes."""
+    parts = []
+    for table in tables:
+        headers = _headers(table)
+        lines = [f"### {table.model}", "", "| method | " + " | ".join(headers) + " |",
+                 "|---|" + "---|" * len(headers)]
+        for method, source, _, texts in _rows(table, digits):
+            label = METHOD_LABELS.get(method, method)
+            name = label if source == "ours" else f"{label} · {source}"
+            lines.append(f"| {name} | " + " | ".join(texts) + " |")
+        runs_total = sum(c.n for row in table.cells.values() for c in row.values())
+        lines.append("")
+        lines.extend(f"- {note}" for note in _footnotes(table, runs_total))
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def _csv_rows(table: ModelTable) -> tuple[list[str], list[list]]:
+    """Numeric CSV of one table: the Markdown rows plus std and n columns per task."""
+    headers = _headers(table)
+    columns = ["model", "method", "source"] + headers + [f"{title} std" for _, title in TASK_COLUMNS] + \
+        [f"{title} n" for _, title in TASK_COLUMNS]
+    rows = []
+    for method, source, values, _ in _rows(table, digits=6):
+        row = table.cells[method]
+        std = [row[t].std if source == "ours" and t in row else None for t in TASKS]
+        n = [row[t].n if source == "ours" and t in row else None for t in TASKS]
+        rows.append([table.model, method, source] + [("" if v is None else round(v, 4)) for v in values + std]
+                    + ["" if v is None else v for v in n])
+    return columns, rows
+
+
+def write_tables(tables: Sequence[ModelTable], out_dir: Union[str, Path], digits: int = 1) -> list[Path]:
+    """Writes ``results.md`` (all models) and ``<model>.csv`` per model to ``out_dir``; returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "results.md"]
+    written[0].write_text(format_markdown(tables, digits))
+    for table in tables:
+        columns, rows = _csv_rows(table)
+        path = out_dir / f"{table.model}.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(columns)
+            writer.writerows(rows)
+        written.append(path)
+    return written

@@ -1,0 +1,126 @@
+"""Run configs, scoring, routing statistics, and end-to-end smoke runs of scripts/train.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ldmole import RoutingRecord
+from ldmole.analysis import RoutingStats
+from ldmole.evaluation import classification_metrics, option_scores, qa_metrics
+from ldmole.run_config import compose_config
+from ldmole.trainer import _lr_factor, answer_positions
+from tests.conftest import REPO_ROOT, SHARED_DATA
+
+needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
+
+
+@pytest.mark.parametrize("argument, message", [
+    ("model=qwen3_17b", "unknown model 'qwen3_17b'; did you mean 'qwen3_1.7b'"),
+    ("task=arc-c", "unknown task 'arc-c'; did you mean 'arc_c'"),
+    ("method=mola8888", "unknown method 'mola8888'; did you mean 'mola_8888'"),
+    ("max_step=3", "unknown key 'max_step'; did you mean 'max_steps'"),
+    ("mole.num_expert=4", "unknown key 'mole.num_expert'; did you mean 'num_experts'"),
+    ("method=mola_2468 mole.top_k=3", "top_k=3 exceeds num_experts"),
+    ("oops", "is not key=value"),
+])
+def test_bad_config_fails_before_loading_and_names_the_problem(argument, message):
+    with pytest.raises(ValueError) as error:
+        compose_config(argument.split())
+    assert message in str(error.value)
+
+
+def test_compose_layers_defaults_model_task_method_and_overrides():
+    config = compose_config(["model=tiny_llama", "task=rte", "method=mola_2468", "mole.r=4", "max_steps=7",
+                             "mixed_precision=no"])
+    assert config["model_source"] == "random:llama" and config["task_name"] == "rte"
+    assert config["mole"]["router"] == "topk" and config["mole"]["num_experts"] == "2468" and config["mole"]["r"] == 4
+    assert config["max_steps"] == 7 and config["mixed_precision"] == "no"
+    assert config["output_dir"] == "runs/tiny_llama/rte/mola_2468/seed42"
+    assert compose_config(["model=llama3.1_8b"])["num_epochs"] == 3
+
+
+def test_train_script_rejects_unknown_key_with_exit_code_2():
+    result = subprocess.run([sys.executable, "scripts/train.py", "methd=ldmole"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "did you mean 'method'" in result.stderr
+
+
+def test_answer_positions_point_at_tokens_before_targets():
+    labels = torch.tensor([[-100, -100, 7, 8], [-100, 5, -100, -100]])
+    positions, targets = answer_positions(labels)
+    assert positions.tolist() == [[1, 2], [0, 0]]
+    assert targets.tolist() == [[7, 8], [5, -100]]
+
+
+def test_lr_schedule_warmup_and_epoch_milestones():
+    factors = [_lr_factor(s, steps_per_epoch=2, warmup=2, milestones=[2, 3], gamma=0.1) for s in range(8)]
+    assert factors == pytest.approx([0.5, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_option_scores_take_best_variant_and_mask_padding():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 3.0, 9.0]])
+    ids = torch.tensor([[[1, 2], [3, -1], [4, -1]]])
+    mask = torch.tensor([[True, True, False]])
+    scores = option_scores(logits, ids, mask)
+    assert scores.tolist() == [[5.0, 3.0, float("-inf")]]
+
+
+def test_task_metrics():
+    metrics = qa_metrics(np.array([0, 1, 2]), np.array([0, 1, 1]), ["law", "law", "math"])
+    assert metrics["accuracy"] == pytest.approx(2 / 3)
+    assert metrics["per_category"] == {"law": {"accuracy": 1.0, "count": 2}, "math": {"accuracy": 0.0, "count": 1}}
+    cola = classification_metrics(np.array([1, 0, 1, 1]), np.array([1, 0, 0, 1]), "cola")
+    assert cola["accuracy"] == 0.75 and cola["mcc"] == pytest.approx(0.5773502691896258)
+    assert classification_metrics(np.array([1, 0]), np.array([1, 1]), "mrpc")["f1"] == pytest.approx(2 / 3)
+
+
+def test_routing_stats_counts_real_tokens_only():
+    weights = torch.tensor([[[0.5, 0.5, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]])
+    mask = torch.tensor([[True, True, False]])
+    lam = torch.tensor([[0.2, -0.4, 0.9]])
+    record = RoutingRecord("model.layers.1.mlp.up_proj", 1, "up_proj", "relu", weights, weights, lam, mask)
+    stats = RoutingStats()
+    stats.update([record])
+    stats.update([record])
+    summary = stats.summary()
+    assert summary["avg_active_experts"] == pytest.approx(1.0)  # tokens: 2 and 0 experts
+    assert summary["zero_activation_rate"] == pytest.approx(0.5)
+    assert summary["per_layer"]["1"]["avg_active_experts"] == pytest.approx(1.0)
+    assert summary["lambda"]["mean"] == pytest.approx(-0.1)
+    assert summary["per_module"]["model.layers.1.mlp.up_proj"]["expert_share"] == pytest.approx([0.5, 0.5, 0.0])
+
+
+SMOKE_RUNS = {
+    "tiny_qwen3-arc_c": ["model=tiny_qwen3", "task=arc_c", "method=ldmole", "tokenizer={data}/tokenizers/qwen3"],
+    "tiny_llama-rte": ["model=tiny_llama", "task=rte", "method=ldmole", "tokenizer={data}/tokenizers/llama3"],
+}
+
+
+@needs_data
+@pytest.mark.parametrize("run", sorted(SMOKE_RUNS))
+def test_readme_smoke_command_writes_metrics_and_adapter(run, tmp_path):
+    args = [a.format(data=SHARED_DATA) for a in SMOKE_RUNS[run]]
+    args += [f"data_dir={SHARED_DATA}", f"output_dir={tmp_path}", "max_steps=20", "eval_max_examples=64"]
+    result = subprocess.run([sys.executable, "scripts/train.py", *args], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["num_eval_examples"] == 64 and metrics["steps"] == 20
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["best_epoch"] == 1 and len(metrics["history"]) == 1
+    routing = metrics["routing"]
+    assert routing["num_modules"] == 4 * 7
+    assert 1.0 <= routing["avg_active_experts"] <= 8.0
+    assert set(routing["per_module_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(routing["per_layer"]) == {"0", "1", "2", "3"}
+    assert {"mean", "quantiles"} <= set(routing["lambda"]) and routing["zero_activation_rate"] == 0.0
+    for name in ("config.yaml", "log.jsonl", "adapter/adapter.safetensors", "adapter/mole_config.json",
+                 "adapter_epoch1/adapter.safetensors"):
+        assert (tmp_path / name).is_file(), f"{name} missing from the run directory"
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if "task" in e] == [10, 20] and all("lb" in e for e in log if "task" in e)
