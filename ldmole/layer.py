@@ -131,11 +131,14 @@ class MoLELinear(nn.Module):
         lora_B = self.lora_B.to(dtype)
         if self.router is None:
             hidden = F.linear(x_drop, lora_A[0])
-            update = F.linear(hidden, lora_B[0])
+            b_cat = lora_B[0]
         else:
             weights = self._route(x)
             hidden = F.linear(x_drop, lora_A.reshape(self.num_experts * self.r, self.in_features))
             hidden = hidden.unflatten(-1, (self.num_experts, self.r)) * weights.unsqueeze(-1).to(hidden.dtype)
+            hidden = hidden.flatten(-2)
             b_cat = lora_B.permute(1, 0, 2).reshape(self.out_features, self.num_experts * self.r)
-            update = F.linear(hidden.flatten(-2), b_cat)
-        return result + (update * self.scaling).to(result.dtype)
+        # One fused result + scaling * hidden @ B_cat^T: no separate [tokens, d_out] update tensor.
+        flat = torch.addmm(result.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]).to(result.dtype),
+                           b_cat.t().to(result.dtype), alpha=self.scaling)
+        return flat.view(result.shape)

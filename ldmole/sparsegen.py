@@ -52,12 +52,13 @@ class SparsegenFunction(torch.autograd.Function):
         # λ < _support_thresholds[k-1] <=> expert k is in the support; true for a prefix of k (k = 1
         # always), so the count is k*. lambda_bounds uses the same expression, bit for bit.
         in_support = lam_col < _support_thresholds(u_sorted, cumsum)
-        k_star = in_support.sum(dim=-1, keepdim=True)
+        # clamp: NaN scores or λ fail every comparison; they must give NaN weights, not a bad index.
+        k_star = in_support.sum(dim=-1, keepdim=True).clamp_min(1)
         k_float = k_star.to(dtype)
         top_sum = cumsum.gather(-1, k_star - 1)
         kth_score = u_sorted.gather(-1, k_star - 1)
         probs = torch.clamp((u - top_sum / k_float) / one_minus_lam + 1.0 / k_float, min=0.0)
-        probs = torch.where(u >= kth_score, probs, torch.zeros_like(probs))
+        probs = probs * (u >= kth_score).to(dtype)  # a product (not where) so NaN propagates
 
         ctx.save_for_backward(probs, one_minus_lam)
         ctx.lam_shape = lam.shape

@@ -21,7 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import losses
-from .adapter_io import atomic_write, save_mole
+from .adapter_io import atomic_write, load_mole, save_mole
+from .checkpointing import latest_checkpoint, new_checkpoint_tmp, prune_checkpoints, rng_state, set_rng_state, write_checkpoint
 from .analysis import RoutingStats
 from .data import collate, encode_classification, encode_qa, get_chat_format, load_task, pad_token_id_for
 from .data.features import IGNORE_INDEX
@@ -31,7 +32,7 @@ from .models import language_model_parts, load_base_model, load_tokenizer, resol
 from .records import routing_records
 from .run_config import mole_config_from
 
-__all__ = ["train", "SelectedLogits", "answer_positions"]
+__all__ = ["train", "SelectedLogits", "answer_positions", "NonFiniteLossError"]
 
 
 class SelectedLogits(nn.Module):
@@ -141,26 +142,64 @@ def evaluate(accelerator, wrapped: nn.Module, loader: DataLoader, kind: str, tas
     return metrics
 
 
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf; the message names the term, the step and the last good checkpoint."""
+
+
+LOSS_TERMS = ("task", "lb", "sparsity", "z", "l1")
+
+
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+    """The training order of ``epoch``: a permutation seeded by (seed, epoch), so a resumed run
+    sees exactly the batches an uninterrupted one would."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples).tolist()
+
+
+def _first_nonfinite_modules(model: nn.Module) -> tuple[list[str], list]:
+    """Forward hooks (debug only: they sync) recording modules whose output is not finite, in order."""
+    seen: list[str] = []
+
+    def hook(name):
+        def check(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if torch.is_tensor(out) and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                seen.append(name)
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    return seen, handles
+
+
 def train(config: dict[str, Any]) -> dict[str, Any]:
-    """Runs one fine-tuning run described by a composed config; returns (and writes) its metrics."""
+    """Runs one fine-tuning run described by a composed config; returns (and writes) its metrics.
+
+    Raises:
+        ValueError / FileNotFoundError: bad settings or data (before the model loads where possible).
+        NonFiniteLossError: a loss term went NaN/inf (every process raises; checkpoints stay good).
+    """
     from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     started = time.time()
     mole_config = mole_config_from(config)
-    state = PartialState()
+    # Without CUDA the processes of a torchrun / accelerate launch job talk over gloo on the CPU.
+    cpu = not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    AcceleratorState._reset_state()  # a second train() in one process may use another mixed precision
     accumulation = _gradient_accumulation(config, state.num_processes)
     report_to = None if config.get("report_to") in (None, "none") else config["report_to"]
     output_dir = Path(config["output_dir"])
-    accelerator = Accelerator(mixed_precision=str(config["mixed_precision"]), gradient_accumulation_steps=accumulation,
-                              log_with=report_to, project_dir=str(output_dir))
-    set_seed(int(config["seed"]))
+    seed = int(config["seed"])
+    accelerator = Accelerator(cpu=cpu, mixed_precision=str(config["mixed_precision"]),
+                              gradient_accumulation_steps=accumulation, log_with=report_to, project_dir=str(output_dir))
+    set_seed(seed)
     main = accelerator.is_main_process
 
     # ---- data
     task = load_task(config["task_name"], config.get("data_dir"), protocol=config["protocol"],
-                     selection_size=config.get("selection_size"), seed=int(config["seed"]),
+                     selection_size=config.get("selection_size"), seed=seed,
                      skip_bad_rows=bool(config["skip_bad_rows"]))
     kind = task.spec.kind
     tokenizer = load_tokenizer(str(config.get("tokenizer") or resolve_model_source(str(config["model_source"]))))
@@ -168,24 +207,33 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
     max_length = int(config.get("max_length") or task.spec.max_length)
     train_examples = list(task.train)
     if config.get("train_max_examples"):
-        order = np.random.default_rng(int(config["seed"])).permutation(len(train_examples))
+        order = np.random.default_rng(seed).permutation(len(train_examples))
         train_examples = [train_examples[i] for i in order[: int(config["train_max_examples"])]]
     limit = config.get("eval_max_examples")
     selection_examples = task.selection[: int(limit)] if limit else task.selection
     eval_examples = task.evaluation[: int(limit)] if limit else task.evaluation
     for name, examples in (("train", train_examples), ("selection", selection_examples), ("evaluation", eval_examples)):
         if not examples:
-            raise ValueError(f"task {config['task']!r}: the {name} split is empty; check data_dir and the task files")
+            raise ValueError(f"task {config['task']!r}: the {name} split is empty; check the files under "
+                             f"data_dir={config.get('data_dir')!r} (or lower eval_max_examples / train_max_examples)")
     encode = partial(_encode_all, kind=kind, tokenizer=tokenizer, chat_format=chat_format, max_length=max_length,
                      truncate=bool(config["truncate_long"]))
     pad_id = pad_token_id_for(tokenizer)
     collate_fn = partial(_collate_with_index, pad_token_id=pad_id, kind=kind)
-    generator = torch.Generator().manual_seed(int(config["seed"]))
-    train_loader = DataLoader(encode(train_examples), batch_size=int(config["per_device_batch_size"]), shuffle=True,
-                              collate_fn=collate_fn, generator=generator)
+    train_features = encode(train_examples)
     eval_collate = partial(_eval_collate, collate_fn=collate_fn, kind=kind)
-    selection_loader = DataLoader(encode(selection_examples), batch_size=int(config["eval_batch_size"]), collate_fn=eval_collate)
-    eval_loader = DataLoader(encode(eval_examples), batch_size=int(config["eval_batch_size"]), collate_fn=eval_collate)
+    # Loaders get their own generators: creating an iterator must not draw from the global RNG that
+    # dropout uses, or a resumed run would see other dropout masks than an uninterrupted one.
+    selection_loader = DataLoader(encode(selection_examples), batch_size=int(config["eval_batch_size"]),
+                                  collate_fn=eval_collate, generator=torch.Generator().manual_seed(seed))
+    eval_loader = DataLoader(encode(eval_examples), batch_size=int(config["eval_batch_size"]), collate_fn=eval_collate,
+                             generator=torch.Generator().manual_seed(seed))
+
+    def epoch_loader(epoch: int) -> DataLoader:
+        ordered = [train_features[i] for i in _epoch_order(len(train_features), seed, epoch)]
+        return accelerator.prepare_data_loader(DataLoader(ordered, batch_size=int(config["per_device_batch_size"]),
+                                                          collate_fn=collate_fn,
+                                                          generator=torch.Generator().manual_seed(seed + epoch)))
 
     # ---- model
     base = load_base_model(config, "causal_lm" if kind == "qa" else "classification", tokenizer,
@@ -197,9 +245,8 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
     wrapped.train()
     trainable = list(mole_parameters(base).values())
     optimizer = torch.optim.AdamW(trainable, lr=float(config["lr"]), weight_decay=float(config["weight_decay"]))
-    wrapped, optimizer, train_loader, selection_loader, eval_loader = accelerator.prepare(
-        wrapped, optimizer, train_loader, selection_loader, eval_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / accumulation)
+    wrapped, optimizer, selection_loader, eval_loader = accelerator.prepare(wrapped, optimizer, selection_loader, eval_loader)
+    steps_per_epoch = math.ceil(math.ceil(len(train_features) / (int(config["per_device_batch_size"]) * accelerator.num_processes)) / accumulation)
     total_steps = steps_per_epoch * int(config["num_epochs"])
     if config.get("max_steps"):
         total_steps = min(total_steps, int(config["max_steps"]))
@@ -210,24 +257,91 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
     if mole_config.router == "relu":
         controller = losses.ReMoLEL1Controller(mole_config.top_k, max(mole_config.experts_per_layer(1)),
                                                float(config["remole_initial_coef"]), float(config["remole_rate"]))
+    log_path = output_dir / "log.jsonl"
 
+    # ---- state that a checkpoint carries
+    progress_state = {"step": 0, "epoch": 1, "batches_done": 0, "history": [],
+                      "best": {"accuracy": -1.0, "epoch": None, "state": None}}
+
+    def save_checkpoint() -> None:
+        check_finite()
+        tmp = new_checkpoint_tmp(output_dir, progress_state["step"]) if main else None
+        tmp = Path(broadcast_object(accelerator, str(tmp) if tmp else None))
+        torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
+        if main:
+            save_mole(base, tmp)
+            torch.save({"progress": progress_state, "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "controller": controller.state_dict() if controller is not None else None,
+                        "num_processes": accelerator.num_processes}, tmp / "trainer_state.pt")
+        accelerator.wait_for_everyone()
+        if main:
+            write_checkpoint(tmp, progress_state["step"])
+            prune_checkpoints(output_dir, int(config["keep_checkpoints"]))
+        accelerator.wait_for_everyone()
+
+    resume_from = None
+    if config.get("resume") == "auto":
+        resume_from = latest_checkpoint(output_dir)
+    elif config.get("resume"):
+        resume_from = Path(config["resume"])
+        if not (resume_from / "trainer_state.pt").is_file():
+            raise FileNotFoundError(f"resume={config['resume']!r}: no trainer_state.pt there; pass a "
+                                    f"{output_dir / 'checkpoints'}/step-N directory or resume=auto")
+    if resume_from is not None:
+        saved = torch.load(resume_from / "trainer_state.pt", weights_only=False)
+        if saved["num_processes"] != accelerator.num_processes:
+            raise ValueError(f"resume: {resume_from} was written by {saved['num_processes']} processes but this run "
+                             f"has {accelerator.num_processes}; resume with the same number of processes")
+        load_mole(base, resume_from)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if controller is not None:
+            controller.load_state_dict(saved["controller"])
+        progress_state = saved["progress"]
+        set_rng_state(torch.load(resume_from / f"rng_rank{accelerator.process_index}.pt", weights_only=False))
+        if main and log_path.exists():  # drop log lines written after the checkpoint
+            kept = [line for line in log_path.read_text().splitlines()
+                    if json.loads(line).get("step", 0) <= progress_state["step"]]
+            atomic_write(log_path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(output_dir / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False)))
     if report_to:
         accelerator.init_trackers("ldmole", config={k: str(v) for k, v in config.items()})
-    log_path = output_dir / "log.jsonl"
+
+    # ---- non-finite detection: device-side first-bad-step flags, read only at log/checkpoint/epoch points
+    first_bad = torch.full((len(LOSS_TERMS),), -1, dtype=torch.long, device=accelerator.device)
+    debug = bool(config["debug_nonfinite"])
+    bad_modules, _ = _first_nonfinite_modules(base) if debug else ([], [])
+
+    def check_finite() -> None:
+        flags = accelerator.reduce(first_bad, "max").tolist()
+        bad = {name: s for name, s in zip(LOSS_TERMS, flags) if s >= 0}
+        if not bad:
+            return
+        first = min(bad.values())
+        latest = latest_checkpoint(output_dir)
+        message = (f"non-finite loss at step {first}: component(s) {sorted(n for n, s in bad.items() if s == first)} "
+                   f"became NaN/inf; last good checkpoint: {latest or 'none'} (resume=auto restarts from it). "
+                   "Lower lr, enable grad clipping, or rerun with debug_nonfinite=true to find the first bad module")
+        if debug and bad_modules:
+            message += f"; first module with a non-finite output: {bad_modules[0]}"
+        raise NonFiniteLossError(message)
 
     # ---- loop
-    step, epoch, best = 0, 0, {"accuracy": -1.0, "epoch": None, "state": None}
-    history = []
+    step = progress_state["step"]
     running: dict[str, torch.Tensor] = {}
     running_steps = 0
-    progress = tqdm(total=total_steps, disable=not main, desc=f"{config['method']} {config['task']}")
+    progress = tqdm(total=total_steps, initial=step, disable=not main, desc=f"{config['method']} {config['task']}")
     num_epochs = int(config["num_epochs"])
-    while epoch < num_epochs and step < total_steps:
-        epoch += 1
-        for batch in train_loader:
+    save_every = int(config.get("save_every") or 0)
+    while progress_state["epoch"] <= num_epochs and step < total_steps:
+        epoch = progress_state["epoch"]
+        loader = epoch_loader(epoch)
+        if progress_state["batches_done"]:
+            loader = accelerator.skip_first_batches(loader, progress_state["batches_done"])
+        for batch in loader:
             with accelerator.accumulate(wrapped):
                 logits = wrapped(batch["input_ids"], batch["attention_mask"], batch["positions"])
                 task_loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(),
@@ -242,6 +356,10 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
                     terms["z"] = float(config["z_coef"]) * losses.router_z_loss(records)
                 if controller is not None:
                     terms["l1"] = controller.penalty(records)
+                for i, name in enumerate(LOSS_TERMS):
+                    if name in terms:
+                        nonfinite = ~torch.isfinite(terms[name].detach())
+                        first_bad[i] = torch.where(nonfinite & (first_bad[i] < 0), step + 1, first_bad[i])
                 loss = sum(terms.values())
                 accelerator.backward(loss)
                 for name, value in terms.items():
@@ -254,18 +372,23 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
                     scheduler.step()
                     if controller is not None:
                         controller.update(records)
+            progress_state["batches_done"] += 1
             if not accelerator.sync_gradients:
                 continue
             step += 1
+            progress_state["step"] = step
             running_steps += 1
             progress.update(1)
+            if debug:
+                check_finite()
             if step % int(config["log_every"]) == 0 or step == total_steps:
+                check_finite()
                 entry = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0]}
                 entry.update({k: float(accelerator.reduce(v, "mean")) / running_steps for k, v in running.items()})
                 if controller is not None:
                     entry["l1_coef"] = float(controller.coefficient)
                 running, running_steps = {}, 0
-                progress.set_postfix(loss=f"{sum(v for k, v in entry.items() if k in terms):.4f}")
+                progress.set_postfix(loss=f"{sum(v for k, v in entry.items() if k in LOSS_TERMS):.4f}")
                 if main:
                     with open(log_path, "a") as handle:
                         handle.write(json.dumps(entry) + "\n")
@@ -273,19 +396,26 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
                     accelerator.log(entry, step=step)
             if step >= total_steps:
                 break
+            if save_every and step % save_every == 0:
+                save_checkpoint()
+        check_finite()
         selection = evaluate(accelerator, wrapped, selection_loader, kind, config["task"], selection_examples)
-        history.append({"epoch": epoch, "step": step, "selection_accuracy": selection["accuracy"]})
+        progress_state["history"].append({"epoch": epoch, "step": step, "selection_accuracy": selection["accuracy"]})
         if main:
             with open(log_path, "a") as handle:
                 handle.write(json.dumps({"epoch_end": epoch, "step": step, "selection": selection}) + "\n")
-        if selection["accuracy"] > best["accuracy"]:
-            best = {"accuracy": selection["accuracy"], "epoch": epoch,
-                    "state": {k: v.detach().cpu().clone() for k, v in mole_parameters(base).items()}}
+        if selection["accuracy"] > progress_state["best"]["accuracy"]:
+            progress_state["best"] = {"accuracy": selection["accuracy"], "epoch": epoch,
+                                      "state": {k: v.detach().cpu().clone() for k, v in mole_parameters(base).items()}}
         if main and epoch in list(config.get("save_epoch_adapters") or []):
             save_mole(base, output_dir / f"adapter_epoch{epoch}")
+        progress_state["epoch"], progress_state["batches_done"] = epoch + 1, 0
+        if save_every and step < total_steps:
+            save_checkpoint()
     progress.close()
 
     # ---- best epoch -> evaluation split, routing statistics, outputs
+    best = progress_state["best"]
     with torch.no_grad():
         for name, param in mole_parameters(base).items():
             param.copy_(best["state"][name])
@@ -300,11 +430,12 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
         "protocol": config["protocol"],
         "best_epoch": best["epoch"],
         "best_selection_accuracy": best["accuracy"],
-        "history": history,
+        "history": progress_state["history"],
         "steps": step,
         "skipped_rows": task.skipped,
         "routing": routing,
         "model": config["model"], "task": config["task"], "method": config["method"], "seed": config["seed"],
+        "resumed_from": str(resume_from) if resume_from else None,
         "wall_time_s": round(time.time() - started, 1),
         "num_processes": accelerator.num_processes,
     }
@@ -315,6 +446,15 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return metrics
+
+
+def broadcast_object(accelerator, value):
+    """``value`` from the main process on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
 
 
 def _eval_collate(batch: list[dict], collate_fn, kind: str) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,13 +21,18 @@ def main(argv: list[str]) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from ldmole.trainer import train
+    from ldmole.trainer import NonFiniteLossError, train
 
-    metrics = train(config)
-    summary = {k: metrics[k] for k in ("accuracy", "num_eval_examples", "best_epoch") if k in metrics}
-    summary["avg_active_experts"] = metrics.get("routing", {}).get("avg_active_experts")
-    print(json.dumps(summary))
-    print(f"outputs: {config['output_dir']}")
+    try:
+        metrics = train(config)
+    except (ValueError, OSError, NonFiniteLossError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        summary = {k: metrics[k] for k in ("accuracy", "num_eval_examples", "best_epoch") if k in metrics}
+        summary["avg_active_experts"] = metrics.get("routing", {}).get("avg_active_experts")
+        print(json.dumps(summary))
+        print(f"outputs: {config['output_dir']}")
     return 0
 
 

@@ -130,3 +130,9 @@ def test_lambda_bounds_k_equal_e_has_no_lower_bound_and_bad_k_raises():
     assert torch.isinf(lower).all() and (lower < 0).all()
     with pytest.raises(ValueError, match="k=5"):
         lambda_bounds(u, 5)
+
+
+def test_nan_inputs_propagate_instead_of_failing():
+    u = torch.tensor([[0.1, float("nan"), 0.3], [0.2, 0.1, 0.0]])
+    p = sparsegen(u, torch.tensor([0.5, float("nan")]))
+    assert torch.isnan(p).any(dim=-1).all(), "NaN scores or λ must surface as NaN weights for the loss checks"

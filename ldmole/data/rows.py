@@ -55,7 +55,11 @@ def _local_rows(spec: TaskSpec, split: str, data_dir: Path) -> list[SourceRow]:
     for suffix in LOCAL_SUFFIXES:
         path = folder / f"{split}{suffix}"
         if path.is_file():
-            return _read_parquet(path) if suffix == ".parquet" else _read_json(path)
+            rows = _read_parquet(path) if suffix == ".parquet" else _read_json(path)
+            if not rows:
+                raise ValueError(f"task {spec.name!r}: split {split!r} is empty: {path} has no rows; "
+                                 "fill it or point data_dir at the directory that holds the task's data")
+            return rows
     raise FileNotFoundError(
         f"task {spec.name!r}: no file for split {split!r}: tried {folder / (split + '.jsonl')} "
         f"(also .json, .parquet); {fix}"

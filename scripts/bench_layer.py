@@ -1,0 +1,843 @@
+#!/usr/bin/env python
+"""Forward+backward time and peak memory of one ``ldmole.MoLELinear`` against two baselines.
+
+Usage (from the repo root):
+
+    python scripts/bench_layer.py                                  # CPU, float32, Qwen3-1.7B shapes
+    python scripts/bench_layer.py --device auto --dtype bfloat16 --json bench.json
+    python scripts/bench_layer.py --shapes 2048x6144 --tokens 512 --experts 8 --rank 8 --iters 20
+    python scripts/bench_layer.py --shapes 2048x6144 --routers sparsegen --profile "ldmole sparsegen"
+
+Variants, for every projection shape d_in x d_out (all share one frozen base ``nn.Linear``):
+
+- ``ldmole <router>``: ``ldmole.MoLELinear`` with router sparsegen (its own ``ldmole.LambdaMLP(d_in,
+  --lambda-hidden)``, biases 0 rather than -2.5 so that λ varies per token: same cost), sparsegen_fixed (λ = --fixed-lambda), topk (k = --top-k), relu, softmax.
+- ``ldmole lora (rank E·r)``: ``MoLELinear(router="lora", num_experts=1, r=E·r)``.
+- ``dense-einsum <router>``: :class:`DenseEinsumMoLE`, the reference release's formulation written
+  from its description: A [E, r, d_in] and B [E, d_out, r] stacked, dropout(x) expanded to
+  [B, S, E, d_in], ``einsum("bsni,nir->bsnr")``, ``einsum("bsnr,nro->bsno")`` (a [B, S, E, d_out]
+  tensor), then ``einsum("bsno,bsn->bso")`` with the routing weights. The routing weights come from
+  the same code as ldmole's (``ldmole.route`` on float32 router scores of the layer input; λ from its
+  own copy of the λ-MLP), so only the expert computation differs between twins.
+- ``peft lora (rank E·r)``: a PEFT ``lora.Linear`` made by ``peft.get_peft_model`` on a one-Linear
+  module with ``LoraConfig(r=E·r, lora_alpha=2·E·r, target_modules=["proj"])``; the injected
+  ``lora.Linear`` is called directly (no ``PeftModel`` wrapper), like the other layers.
+- ``base linear only``: the frozen ``nn.Linear`` alone (no adapter), to read the adapters' own cost.
+
+Protocol: input x [1, T, d_in] with requires_grad=True (as inside a network); frozen base, trainable
+adapter parameters (λ-MLP included for sparsegen); LoRA dropout --dropout (0.1 by default) in train
+mode for every adapter variant; one step = forward, then backward of ``sum(out * g)`` with a fixed
+random g (``--loss grad``, default) or of ``out.float().pow(2).mean()`` (``--loss square``);
+gradients are set to None before every step (not timed). Variants run interleaved (one step of each
+variant per round) so that load from other processes hits all of them alike. Time = median over
+--iters rounds (after --warmup rounds) of the wall time of one step, with ``torch.cuda.synchronize``
+before and after on CUDA. With ``--dtype bfloat16`` the base weight and x are bfloat16, the adapter
+parameters stay float32 and the step runs under ``torch.autocast(bfloat16)``.
+
+Memory (one extra step per variant, after timing, gradients None beforehand):
+
+- ``peak MB`` on CUDA: ``torch.cuda.max_memory_allocated()`` minus ``memory_allocated()`` at the start.
+- ``peak MB`` on CPU: the peak of the net bytes held by blocks that the CPU allocator (c10
+  DefaultCPUAllocator) handed out during the step: every allocation and free reported to
+  ``torch.profiler.profile(profile_memory=True)`` is replayed in time order and the running sum's
+  maximum is taken. It counts every tensor allocated during the step (activations, temporaries,
+  autograd buffers, output, gradients of x and of the adapter parameters), not the parameters or x
+  that exist before it; it does not see memory that MKL/oneDNN allocate internally outside the
+  PyTorch allocator. Same definition as the CUDA number.
+- ``saved MB`` (both devices): the distinct storages that autograd saved for backward during the
+  forward (``torch.autograd.graph.saved_tensors_hooks``), excluding those of parameters and x.
+
+Before timing, every ldmole variant is checked against its twin (dense-einsum for the routed
+variants, PEFT for ldmole lora) on the same weights (copied, B non-zero, dropout off, eval mode):
+the adapter outputs and the adapter parameters' gradients must agree, else the script stops
+(exit status 2).
+
+At the end the goal ratios on 2048x6144 are printed (ldmole vs dense-einsum speed-up >= 3x, ldmole
+time / PEFT LoRA time <= 1.5x, for sparsegen and softmax), with the adapter-only ratios (time minus
+the base-only time) and the ceiling dense-einsum time / base-only time for context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+try:
+    import ldmole  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ldmole
+from ldmole import LambdaMLP, MoLELinear, route
+
+ROUTERS = ("sparsegen", "sparsegen_fixed", "topk", "relu", "softmax", "lora")
+DEFAULT_SHAPES = "2048x2048,2048x6144,6144x2048"  # Qwen3-1.7B: q/o, gate/up, down
+GOAL_SHAPE = (2048, 6144)
+GOAL_SETTING = dict(tokens=512, experts=8, rank=8)
+SPEEDUP_GOAL = 3.0
+PEFT_RATIO_GOAL = 1.5
+BASE_VARIANT = "base linear only"
+PEFT_VARIANT = "peft lora (rank E·r)"
+LDMOLE_LORA_VARIANT = "ldmole lora (rank E·r)"
+
+
+class EquivalenceError(RuntimeError):
+    """An ldmole variant and its twin disagree on the same weights: the comparison would be void."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference release's dense formulation (written from its description).
+# --------------------------------------------------------------------------------------------------
+
+
+class DenseEinsumMoLE(nn.Module):
+    """Mixture of LoRA experts computed densely: every expert's full output [B, S, E, d_out] is built.
+
+    out = base(x) + scaling * einsum("bsno,bsn->bso", y, p) with
+    y = einsum("bsnr,nro->bsno", einsum("bsni,nir->bsnr", dropout(x) expanded to [B, S, E, d_in], A), B)
+    and p = route(W_g x) computed exactly as ``MoLELinear`` does (float32, from the layer input).
+
+    Parameters ``lora_A [E, r, d_in]``, ``lora_B [E, d_out, r]``, ``router`` (E x d_in); the λ-MLP
+    (sparsegen) is held by reference and its cache is cleared after every use.
+    """
+
+    def __init__(self, base_layer: nn.Linear, num_experts: int, r: int, alpha: float, dropout: float,
+                 router: str, top_k: int = 2, lambda_mlp: Optional[LambdaMLP] = None,
+                 fixed_lambda: Optional[float] = None) -> None:
+        super().__init__()
+        if router == "lora":
+            raise ValueError("DenseEinsumMoLE needs a routed variant")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.num_experts, self.r, self.scaling = num_experts, r, alpha / r
+        self.router_kind, self.top_k, self.fixed_lambda = router, top_k, fixed_lambda
+        device = base_layer.weight.device
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(num_experts, r, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.empty(num_experts, self.out_features, r, device=device))
+        self.router = nn.Linear(self.in_features, num_experts, bias=False, device=device)
+        self._lambda_mlp = [lambda_mlp] if lambda_mlp is not None else []
+        with torch.no_grad():
+            for e in range(num_experts):
+                nn.init.kaiming_uniform_(self.lora_A[e], a=math.sqrt(5))
+                nn.init.kaiming_uniform_(self.lora_B[e], a=math.sqrt(5))
+
+    def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            scores = F.linear(x.float(), self.router.weight.float())
+            lam = None
+            if self.router_kind == "sparsegen":
+                mlp = self._lambda_mlp[0]
+                lam = mlp(x)
+                mlp.clear_cache()
+            elif self.router_kind == "sparsegen_fixed":
+                lam = torch.full(scores.shape[:-1], self.fixed_lambda, dtype=scores.dtype, device=scores.device)
+            return route(scores, self.router_kind, top_k=self.top_k, lam=lam)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        x_drop = self.lora_dropout(x)
+        x_experts = x_drop.unsqueeze(-2).expand(*x_drop.shape[:-1], self.num_experts, self.in_features)
+        hidden = torch.einsum("bsni,nir->bsnr", x_experts, self.lora_A.transpose(1, 2))
+        expert_out = torch.einsum("bsnr,nro->bsno", hidden, self.lora_B.transpose(1, 2))  # [B, S, E, d_out]
+        weights = self.routing_weights(x)
+        update = torch.einsum("bsno,bsn->bso", expert_out, weights.to(expert_out.dtype))
+        return result + (update * self.scaling).to(result.dtype)
+
+
+class _OneLinear(nn.Module):
+    """The tiny model PEFT is applied to: one ``nn.Linear`` named ``proj``."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the variants.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    """One benchmarked layer: its module, its trainable parameters and (ldmole) the twin's name."""
+
+    name: str
+    family: str  # "ldmole" | "dense-einsum" | "peft" | "base"
+    router: Optional[str]
+    module: nn.Module
+    params: list = field(default_factory=list)
+    twin: Optional[str] = None
+
+
+def make_base(d_in: int, d_out: int, device: torch.device, dtype: torch.dtype) -> nn.Linear:
+    """The frozen base projection (weights in the benchmark dtype, bias-free as in Qwen3/Llama)."""
+    base = nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype)
+    base.weight.requires_grad_(False)
+    return base
+
+
+def _trainable(*modules: Optional[nn.Module]) -> list:
+    seen, params = set(), []
+    for module in modules:
+        if module is None:
+            continue
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
+
+
+def ldmole_name(router: str) -> str:
+    return LDMOLE_LORA_VARIANT if router == "lora" else f"ldmole {router}"
+
+
+def dense_name(router: str) -> str:
+    return f"dense-einsum {router}"
+
+
+def make_lambda_mlp(d_in: int, args: argparse.Namespace, device: torch.device) -> LambdaMLP:
+    """``LambdaMLP(d_in, --lambda-hidden)`` with both biases set to 0 instead of -2.5.
+
+    With the -2.5 init nearly every hidden ReLU is off for random inputs, so λ would be constant and
+    its gradient zero: the equivalence check could not see the λ path. The cost is the same.
+    """
+    mlp = LambdaMLP(d_in, args.lambda_hidden).to(device)
+    with torch.no_grad():
+        mlp.fc1.bias.zero_()
+        mlp.fc2.bias.zero_()
+    return mlp
+
+
+def build_ldmole(base: nn.Linear, router: str, args: argparse.Namespace) -> Variant:
+    """``MoLELinear`` for ``router`` (B made non-zero so that the equivalence check means something)."""
+    device = base.weight.device
+    lambda_mlp = make_lambda_mlp(base.in_features, args, device) if router == "sparsegen" else None
+    if router == "lora":
+        rank = args.experts * args.rank
+        layer = MoLELinear(base, 1, rank, alpha=args.alpha * args.experts, dropout=args.dropout, router="lora")
+    else:
+        layer = MoLELinear(base, args.experts, args.rank, alpha=args.alpha, dropout=args.dropout, router=router,
+                           top_k=args.top_k, lambda_mlp=lambda_mlp, fixed_lambda=args.fixed_lambda)
+    with torch.no_grad():
+        for e in range(layer.num_experts):
+            nn.init.kaiming_uniform_(layer.lora_B[e], a=math.sqrt(5))
+    base.weight.requires_grad_(False)
+    twin = PEFT_VARIANT if router == "lora" else dense_name(router)
+    return Variant(ldmole_name(router), "ldmole", router, layer, _trainable(layer, lambda_mlp), twin)
+
+
+def build_dense(base: nn.Linear, router: str, args: argparse.Namespace) -> Variant:
+    """:class:`DenseEinsumMoLE` for ``router`` with its own λ-MLP (sparsegen)."""
+    device = base.weight.device
+    lambda_mlp = make_lambda_mlp(base.in_features, args, device) if router == "sparsegen" else None
+    layer = DenseEinsumMoLE(base, args.experts, args.rank, alpha=args.alpha, dropout=args.dropout, router=router,
+                            top_k=args.top_k, lambda_mlp=lambda_mlp, fixed_lambda=args.fixed_lambda)
+    return Variant(dense_name(router), "dense-einsum", router, layer, _trainable(layer, lambda_mlp))
+
+
+def build_peft(base: nn.Linear, args: argparse.Namespace) -> Variant:
+    """PEFT LoRA of rank E·r (alpha 2·E·r) on the base, via ``get_peft_model``; B made non-zero."""
+    from peft import LoraConfig, get_peft_model
+
+    rank = args.experts * args.rank
+    config = LoraConfig(r=rank, lora_alpha=args.alpha * args.experts, lora_dropout=args.dropout,
+                        target_modules=["proj"], bias="none")
+    model = get_peft_model(_OneLinear(base), config)
+    layer = model.base_model.model.proj  # the injected peft lora.Linear
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(layer.lora_B["default"].weight, a=math.sqrt(5))
+    base.weight.requires_grad_(False)
+    layer._bench_peft_model = [model]  # keep the PeftModel alive, unregistered
+    return Variant(PEFT_VARIANT, "peft", "lora", layer, _trainable(layer))
+
+
+def build_base_only(base: nn.Linear) -> Variant:
+    return Variant(BASE_VARIANT, "base", None, base, [])
+
+
+def copy_weights(src: Variant, dst: Variant) -> None:
+    """Copies the ldmole variant's adapter weights into its twin (dense-einsum or PEFT)."""
+    layer = src.module
+    with torch.no_grad():
+        if dst.family == "peft":
+            dst.module.lora_A["default"].weight.copy_(layer.lora_A[0])
+            dst.module.lora_B["default"].weight.copy_(layer.lora_B[0])
+            return
+        dst.module.lora_A.copy_(layer.lora_A)
+        dst.module.lora_B.copy_(layer.lora_B)
+        dst.module.router.weight.copy_(layer.router.weight)
+        if layer.lambda_mlp is not None:
+            dst.module._lambda_mlp[0].load_state_dict(layer.lambda_mlp.state_dict())
+
+
+def _adapter_grads(variant: Variant) -> dict[str, torch.Tensor]:
+    """Gradients of the adapter parameters, in ldmole's layout, for the equivalence check."""
+    m = variant.module
+    if variant.family == "peft":
+        return {"lora_A": m.lora_A["default"].weight.grad.unsqueeze(0),
+                "lora_B": m.lora_B["default"].weight.grad.unsqueeze(0)}
+    grads = {"lora_A": m.lora_A.grad, "lora_B": m.lora_B.grad}
+    if getattr(m, "router", None) is not None:
+        grads["router"] = m.router.weight.grad
+    mlps = [m.lambda_mlp] if isinstance(m, MoLELinear) else getattr(m, "_lambda_mlp", [])
+    mlp = mlps[0] if mlps else None
+    if mlp is not None:
+        grads["lambda_mlp.fc1"] = mlp.fc1.weight.grad
+    return grads
+
+
+def check_equivalence(a: Variant, b: Variant, x: torch.Tensor, autocast: Callable, tol: float) -> dict:
+    """Adapter output and adapter gradients of ``a`` and ``b`` on x, dropout off (eval mode).
+
+    The adapter output is ``out - base(x)``; errors are max |difference| relative to max |value|.
+    Raises :class:`EquivalenceError` when an error exceeds ``tol``. Returns the errors.
+    """
+    x = x.detach().clone().requires_grad_(True)
+    modes = [(v, v.module.training) for v in (a, b)]
+    errors: dict[str, float] = {}
+    try:
+        outs, grads, xgrads = [], [], []
+        g = None
+        for v in (a, b):
+            v.module.eval()
+            for p in v.params:
+                p.grad = None
+            x.grad = None
+            with autocast():
+                out = v.module(x)
+                with torch.no_grad():
+                    base_out = v.module.base_layer(x) if v.family != "base" else out
+            if g is None:
+                gen = torch.Generator(device="cpu").manual_seed(1234)
+                g = torch.randn(out.shape, generator=gen).to(device=out.device, dtype=out.dtype)
+            out.backward(g)
+            outs.append((out.float() - base_out.float()).detach())
+            grads.append({k: t.detach().float().clone() for k, t in _adapter_grads(v).items()})
+            xgrads.append(x.grad.detach().float().clone())
+
+        def rel(p: torch.Tensor, q: torch.Tensor) -> float:
+            scale = max(p.abs().max().item(), q.abs().max().item(), 1e-30)
+            return (p - q).abs().max().item() / scale
+
+        errors["adapter_output"] = rel(outs[0], outs[1])
+        errors["x.grad"] = rel(xgrads[0], xgrads[1])
+        for key in grads[0]:
+            errors[f"{key}.grad"] = rel(grads[0][key], grads[1][key])
+    finally:
+        for v, was_training in modes:
+            v.module.train(was_training)
+            for p in v.params:
+                p.grad = None
+    compared = [("adapter_output", outs[0]), ("x.grad", xgrads[0])] + [(f"{k}.grad", t) for k, t in grads[0].items()]
+    void = [k for k, t in compared if t.abs().max().item() == 0]
+    if void:
+        raise EquivalenceError(f"{a.name}: {', '.join(void)} identically zero, so the check {a.name} == {b.name} "
+                               f"would be void; aborting")
+    bad = {k: e for k, e in errors.items() if not e <= tol}
+    if bad:
+        detail = ", ".join(f"{k} rel. err {e:.3g}" for k, e in bad.items())
+        raise EquivalenceError(f"{a.name} and {b.name} disagree on the same weights ({detail}; tolerance {tol:g}): "
+                               f"the timing comparison would compare different computations; aborting")
+    return errors
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring.
+# --------------------------------------------------------------------------------------------------
+
+
+class Stepper:
+    """One timed step of one variant: forward, backward; gradients reset (untimed) beforehand."""
+
+    def __init__(self, variant: Variant, x: torch.Tensor, grad_out: torch.Tensor, loss: str, autocast: Callable):
+        self.variant, self.x, self.grad_out, self.loss, self.autocast = variant, x, grad_out, loss, autocast
+
+    def zero(self) -> None:
+        for p in self.variant.params:
+            p.grad = None
+        self.x.grad = None
+
+    def __call__(self) -> None:
+        with self.autocast():
+            out = self.variant.module(self.x)
+        if self.loss == "square":
+            out.float().pow(2).mean().backward()
+        else:
+            grad = self.grad_out if self.grad_out.dtype == out.dtype else self.grad_out.to(out.dtype)
+            out.backward(grad)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_variants(steppers: list[Stepper], warmup: int, iters: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per step of every variant, run interleaved: each round steps every variant once.
+
+    The order inside a round is rotated every round so no variant always follows the same one.
+    """
+    times: dict[str, list[float]] = {s.variant.name: [] for s in steppers}
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for it in range(warmup + iters):
+            shift = it % len(steppers)
+            for step in steppers[shift:] + steppers[:shift]:
+                step.zero()
+                _sync(device)
+                start = time.perf_counter()
+                step()
+                _sync(device)
+                elapsed = time.perf_counter() - start
+                if it >= warmup:
+                    times[step.variant.name].append(elapsed)
+            gc.collect()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+        for step in steppers:
+            step.zero()
+    return times
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silences the profiler's own start/stop lines (written to fd 2 by its C++ side)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def cpu_peak_bytes(step: Stepper) -> int:
+    """Peak net bytes from the CPU allocator during one step (see the module docstring)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step.zero()
+    gc.collect()
+    with _quiet_stderr():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+            step()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    if not events:
+        raise RuntimeError("the profiler reported no CPU memory events; cannot measure the CPU peak")
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    step.zero()
+    return peak
+
+
+def cuda_peak_bytes(step: Stepper, device: torch.device) -> int:
+    """``max_memory_allocated`` during one step minus ``memory_allocated`` before it."""
+    step.zero()
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - start
+    step.zero()
+    return peak
+
+
+def profile_table(step: Stepper, device: torch.device, rows: int) -> str:
+    """``torch.profiler`` op table (self time) of one step, after one unprofiled step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step.zero()
+    step()
+    step.zero()
+    _sync(device)
+    with _quiet_stderr():
+        with profile(activities=activities) as prof:
+            step()
+            _sync(device)
+    step.zero()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows)
+
+
+def saved_bytes(step: Stepper) -> int:
+    """Bytes of the distinct storages saved for backward in one forward, parameters and x excluded."""
+    pre_existing = {t.untyped_storage().data_ptr() for t in step.variant.module.parameters()}
+    pre_existing |= {p.untyped_storage().data_ptr() for p in step.variant.params}
+    pre_existing.add(step.x.untyped_storage().data_ptr())
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in pre_existing and storage.nbytes() > 0:
+            seen[ptr] = storage.nbytes()
+        return t
+
+    step.zero()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with step.autocast():
+            out = step.variant.module(step.x)
+    del out
+    step.zero()
+    return sum(seen.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmark.
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        try:
+            d_in, d_out = (int(v) for v in item.split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"shape {item!r} is not D_INxD_OUT (e.g. 2048x6144)") from None
+        shapes.append((d_in, d_out))
+    if not shapes:
+        raise argparse.ArgumentTypeError("no shapes given")
+    return shapes
+
+
+def parse_routers(text: str) -> list[str]:
+    routers = [r.strip() for r in text.split(",") if r.strip()]
+    unknown = [r for r in routers if r not in ROUTERS]
+    if unknown or not routers:
+        raise argparse.ArgumentTypeError(f"unknown routers {unknown}; choose from {','.join(ROUTERS)}")
+    return routers
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Forward+backward time and peak memory of ldmole.MoLELinear vs the "
+                                            "reference dense-einsum formulation and a PEFT LoRA of rank E·r.")
+    p.add_argument("--shapes", type=parse_shapes, default=parse_shapes(DEFAULT_SHAPES),
+                   help=f"comma-separated D_INxD_OUT projection shapes (default {DEFAULT_SHAPES}: Qwen3-1.7B)")
+    p.add_argument("--tokens", type=int, default=512, help="T: x is [1, T, d_in] (default 512)")
+    p.add_argument("--experts", type=int, default=8, help="E, experts per layer (default 8)")
+    p.add_argument("--rank", type=int, default=8, help="r, rank of each expert (default 8); LoRA baselines use E·r")
+    p.add_argument("--iters", type=int, default=10, help="timed rounds (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (cuda if available)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="float32 (default) or bfloat16 (base weight and x bf16, autocast, fp32 adapters)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--routers", type=parse_routers, default=list(ROUTERS),
+                   help=f"comma-separated ldmole routers (default {','.join(ROUTERS)}); the PEFT LoRA and the "
+                        "base-only rows are always measured")
+    p.add_argument("--alpha", type=float, default=16.0,
+                   help="LoRA alpha per expert (default 16); the rank-E·r LoRAs use E·alpha (same scaling)")
+    p.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout of every adapter, train mode (default 0.1)")
+    p.add_argument("--lambda-hidden", type=int, default=256, help="hidden width of the λ-MLP (default 256)")
+    p.add_argument("--fixed-lambda", type=float, default=0.5, help="λ of sparsegen_fixed (default 0.5)")
+    p.add_argument("--top-k", type=int, default=2, help="k of the topk router (default 2)")
+    p.add_argument("--loss", choices=("grad", "square"), default="grad",
+                   help="grad: backward of sum(out * g), fixed random g (default); square: out.float().pow(2).mean()")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-check", action="store_true", help="skip the equivalence check (not recommended)")
+    p.add_argument("--profile", default=None, metavar="VARIANTS",
+                   help="after timing, print a torch.profiler op table of one step of these variants (comma-separated "
+                        "names as in the table, e.g. 'ldmole sparsegen,peft lora (rank E·r)', or 'all')")
+    p.add_argument("--profile-rows", type=int, default=15, help="rows of each --profile table (default 15)")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON to OUT")
+    return p
+
+
+def resolve_device(text: str) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(text)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for, but torch.cuda.is_available() is False")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"error: unsupported device {text!r}; use cpu, cuda or auto")
+    return device
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ldmole": getattr(ldmole, "__version__", "workspace"),
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_num_interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+    for pkg in ("peft", "transformers"):
+        try:
+            info[pkg] = importlib.metadata.version(pkg)  # no import: transformers takes seconds to import
+        except importlib.metadata.PackageNotFoundError:
+            info[pkg] = "not installed"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info["cpu"] = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
+    except OSError:
+        info["cpu"] = platform.processor()
+    if hasattr(os, "getloadavg"):
+        info["loadavg_start"] = list(os.getloadavg())
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
+    """Runs every shape; returns the JSON-able result (see ``main``).
+
+    ``--threads`` is undone at the end. The objects alive at the start are frozen out of the garbage
+    collector (``gc.freeze``) for the run, so the ``gc.collect()`` calls between measurements are
+    cheap; they are unfrozen at the end.
+    """
+    import peft  # noqa: F401 - imported before the freeze: it creates many long-lived objects
+
+    threads = torch.get_num_threads()
+    gc.collect()
+    gc.freeze()
+    try:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        return _run_benchmark(args, log)
+    finally:
+        gc.unfreeze()
+        torch.set_num_threads(threads)  # --threads is for this run only (main may be called in-process)
+
+
+def _run_benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
+    device = resolve_device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    for name in ("tokens", "experts", "rank", "iters", "lambda_hidden", "top_k"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        raise SystemExit("error: --warmup must be >= 0")
+    if "topk" in args.routers and args.top_k > args.experts:
+        raise SystemExit(f"error: --top-k {args.top_k} exceeds --experts {args.experts}")
+
+    def autocast():
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    env = environment(device, dtype)
+    setting = dict(tokens=args.tokens, experts=args.experts, rank=args.rank, iters=args.iters, warmup=args.warmup,
+                   alpha=args.alpha, dropout=args.dropout, lambda_hidden=args.lambda_hidden,
+                   fixed_lambda=args.fixed_lambda, top_k=args.top_k, loss=args.loss, seed=args.seed,
+                   routers=list(args.routers), shapes=[f"{i}x{o}" for i, o in args.shapes])
+    log("# MoLELinear layer benchmark (forward + backward)")
+    log("")
+    log(f"torch {env['torch']}, peft {env['peft']}, transformers {env['transformers']}, python {env['python']}")
+    log(f"device {env['device']}" + (f" ({env['gpu']})" if "gpu" in env else f" ({env.get('cpu', '')})")
+        + f", dtype {env['dtype']}" + (" (autocast; adapters float32)" if dtype != torch.float32 else "")
+        + f", torch.get_num_threads() = {env['torch_num_threads']} (interop {env['torch_num_interop_threads']}),"
+          f" os.cpu_count() = {env['cpu_count']}")
+    log(f"x [1, {args.tokens}, d_in] requires_grad; E = {args.experts}, r = {args.rank}, alpha = {args.alpha:g}, "
+        f"LoRA rank E·r = {args.experts * args.rank}; dropout {args.dropout:g} (train mode, every adapter); "
+        f"λ-MLP hidden {args.lambda_hidden}; fixed λ {args.fixed_lambda:g}; top-k {args.top_k}; "
+        f"loss {'sum(out * g)' if args.loss == 'grad' else 'out.float().pow(2).mean()'}; "
+        f"median of {args.iters} interleaved rounds after {args.warmup} warm-up")
+    log("peak MB: " + ("torch.cuda.max_memory_allocated delta over one step" if device.type == "cuda" else
+                       "peak net bytes allocated by the CPU allocator during one step (torch.profiler memory events)")
+        + "; saved MB: storages saved for backward (parameters and x excluded)")
+
+    shapes_out = []
+    for d_in, d_out in args.shapes:
+        torch.manual_seed(args.seed)
+        base = make_base(d_in, d_out, device, dtype)
+        variants: list[Variant] = [build_base_only(base)]
+        for router in args.routers:
+            variants.append(build_ldmole(base, router, args))
+            if router != "lora":
+                variants.append(build_dense(base, router, args))
+        variants.append(build_peft(base, args))
+        by_name = {v.name: v for v in variants}
+
+        x = torch.randn(1, args.tokens, d_in, device=device, dtype=dtype, requires_grad=True)
+        gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+        grad_out = torch.randn(1, args.tokens, d_out, generator=gen).to(device=device, dtype=dtype)
+
+        checks = {}
+        if not args.no_check:
+            tol = 1e-4 if dtype == torch.float32 else 5e-2
+            for v in variants:
+                if v.family == "ldmole":
+                    twin = by_name[v.twin]
+                    copy_weights(v, twin)
+                    checks[f"{v.name} == {twin.name}"] = check_equivalence(v, twin, x, autocast, tol)
+            log(f"\nequivalence check {d_in}x{d_out}: {len(checks)} pairs agree "
+                f"(worst rel. err {max((max(e.values()) for e in checks.values()), default=0):.2g}, tolerance {tol:g})")
+        for v in variants:
+            v.module.train()
+
+        steppers = [Stepper(v, x, grad_out, args.loss, autocast) for v in variants]
+        times = time_variants(steppers, args.warmup, args.iters, device)
+        rows = []
+        for step in steppers:
+            v = step.variant
+            peak = cuda_peak_bytes(step, device) if device.type == "cuda" else cpu_peak_bytes(step)
+            saved = saved_bytes(step)
+            t = times[v.name]
+            rows.append(dict(variant=v.name, family=v.family, router=v.router,
+                             median_ms=1e3 * statistics.median(t), min_ms=1e3 * min(t),
+                             times_ms=[1e3 * s for s in t], peak_mb=peak / 2**20, saved_mb=saved / 2**20,
+                             trainable_params=sum(p.numel() for p in v.params)))
+        if args.profile:
+            wanted = {n.strip() for n in args.profile.split(",")}
+            for step in steppers:
+                if "all" in wanted or step.variant.name in wanted:
+                    log(f"\n### torch.profiler, one step of {step.variant.name} ({d_in}x{d_out}), by self CPU time\n")
+                    log(profile_table(step, device, args.profile_rows))
+        row_by = {r["variant"]: r for r in rows}
+        base_ms = row_by[BASE_VARIANT]["median_ms"]
+        peft_ms = row_by[PEFT_VARIANT]["median_ms"]
+        for r in rows:
+            r["adapter_ms"] = r["median_ms"] - base_ms
+            r["ratio_vs_peft"] = r["median_ms"] / peft_ms
+            r["speedup_vs_dense"] = None
+            if r["family"] == "ldmole" and dense_name(r["router"]) in row_by:
+                r["speedup_vs_dense"] = row_by[dense_name(r["router"])]["median_ms"] / r["median_ms"]
+        shape_out = dict(d_in=d_in, d_out=d_out, shape=f"{d_in}x{d_out}", rows=rows, equivalence=checks)
+        shapes_out.append(shape_out)
+        log("")
+        log(format_table(shape_out, args))
+        del variants, by_name, steppers, base, x, grad_out
+        gc.collect()
+
+    if hasattr(os, "getloadavg"):
+        env["loadavg_end"] = list(os.getloadavg())
+        log(f"\nload average (1, 5, 15 min): {', '.join(f'{v:.2f}' for v in env['loadavg_start'])} at the start, "
+            f"{', '.join(f'{v:.2f}' for v in env['loadavg_end'])} at the end (other processes share the CPU)")
+    goals = compute_goals(shapes_out, args)
+    if goals["lines"]:
+        log("")
+        log("## Goal ratios")
+        log("")
+        for line in goals["lines"]:
+            log(line)
+    return dict(environment=env, setting=setting, shapes=shapes_out, goals=goals["values"])
+
+
+def format_table(shape_out: dict, args: argparse.Namespace) -> str:
+    lines = [f"## {shape_out['d_in']} -> {shape_out['d_out']}, T = {args.tokens}, E = {args.experts}, r = {args.rank}",
+             "",
+             "| variant | median ms | min ms | adapter ms (- base) | time / PEFT LoRA "
+             "| ldmole speed-up vs dense-einsum | peak MB | saved MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in shape_out["rows"]:
+        speedup = f"{r['speedup_vs_dense']:.2f}x" if r["speedup_vs_dense"] is not None else ""
+        adapter = f"{r['adapter_ms']:.1f}" if r["family"] != "base" else ""
+        lines.append(f"| {r['variant']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {adapter} "
+                     f"| {r['ratio_vs_peft']:.2f} | {speedup} | {r['peak_mb']:.1f} | {r['saved_mb']:.1f} |")
+    return "\n".join(lines)
+
+
+def _fmt_ratio(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def compute_goals(shapes_out: list[dict], args: argparse.Namespace) -> dict:
+    """The goal ratios on 2048 -> 6144 (T = 512, E = 8, r = 8 are the setting they are defined for)."""
+    shape = next((s for s in shapes_out if (s["d_in"], s["d_out"]) == GOAL_SHAPE), None)
+    values, lines = {}, []
+    if shape is None:
+        return dict(values=values, lines=[f"(goal ratios need shape {GOAL_SHAPE[0]}x{GOAL_SHAPE[1]}; not run)"])
+    setting = dict(tokens=args.tokens, experts=args.experts, rank=args.rank)
+    note = "" if setting == GOAL_SETTING else (f" [measured at T={args.tokens}, E={args.experts}, r={args.rank}; "
+                                                f"the goals are for T=512, E=8, r=8]")
+    row_by = {r["variant"]: r for r in shape["rows"]}
+    peft_ms = row_by[PEFT_VARIANT]["median_ms"]
+    base_ms = row_by[BASE_VARIANT]["median_ms"]
+    rank = args.experts * args.rank
+    for router in ("sparsegen", "softmax"):
+        ld, dense = row_by.get(ldmole_name(router)), row_by.get(dense_name(router))
+        if ld is None or dense is None:
+            continue
+        speedup = dense["median_ms"] / ld["median_ms"]
+        ratio = ld["median_ms"] / peft_ms
+        peft_adapter_ms = row_by[PEFT_VARIANT]["adapter_ms"]
+        values[router] = dict(
+            speedup_vs_dense=speedup, speedup_goal=SPEEDUP_GOAL, speedup_met=speedup >= SPEEDUP_GOAL,
+            ratio_vs_peft=ratio, ratio_goal=PEFT_RATIO_GOAL, ratio_met=ratio <= PEFT_RATIO_GOAL,
+            adapter_speedup_vs_dense=dense["adapter_ms"] / ld["adapter_ms"] if ld["adapter_ms"] > 0 else None,
+            adapter_ratio_vs_peft=ld["adapter_ms"] / peft_adapter_ms if peft_adapter_ms > 0 else None)
+        speedup_verdict = "MET" if speedup >= SPEEDUP_GOAL else "NOT MET"
+        ratio_verdict = "MET" if ratio <= PEFT_RATIO_GOAL else "NOT MET"
+        lines.append(f"- {GOAL_SHAPE[0]}x{GOAL_SHAPE[1]}: ldmole {router} vs dense-einsum {router} speed-up "
+                     f"(goal >= {SPEEDUP_GOAL:g}x): {speedup:.2f}x -> {speedup_verdict}{note}")
+        lines.append(f"- {GOAL_SHAPE[0]}x{GOAL_SHAPE[1]}: ldmole {router} time / PEFT LoRA rank-{rank} time "
+                     f"(goal <= {PEFT_RATIO_GOAL:g}x): {ratio:.2f}x -> {ratio_verdict}{note}")
+        ceiling = dense["median_ms"] / base_ms
+        adapter = values[router]
+        lines.append(f"  context: adapter-only (time - base linear) ldmole {router} speed-up vs dense-einsum "
+                     f"{_fmt_ratio(adapter['adapter_speedup_vs_dense'])}, adapter-only ratio vs PEFT "
+                     f"{_fmt_ratio(adapter['adapter_ratio_vs_peft'])}; ceiling of the whole-layer speed-up on this "
+                     f"machine (dense-einsum {router} time / base-linear-only time, i.e. a free adapter) {ceiling:.2f}x")
+        adapter["speedup_ceiling"] = ceiling
+    return dict(values=values, lines=lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Parses arguments, runs the benchmark, prints tables; returns the exit status (2: check failed).
+
+    JSON (``--json OUT``): ``{"environment", "setting", "shapes": [{"shape", "d_in", "d_out",
+    "equivalence": {pair: {quantity: rel. err}}, "rows": [{"variant", "family", "router", "median_ms",
+    "min_ms", "times_ms", "adapter_ms", "ratio_vs_peft", "speedup_vs_dense", "peak_mb", "saved_mb",
+    "trainable_params"}]}], "goals": {router: {...}}}``.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        result = run_benchmark(args)
+    except EquivalenceError as exc:
+        print(f"\nerror: equivalence check failed: {exc}", file=sys.stderr)
+        return 2
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+        print(f"\nJSON written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""scripts/bench_layer.py at tiny shapes: complete JSON output, and an equivalence guard that can fail."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_layer.py"
+TINY = ["--shapes", "32x48", "--tokens", "16", "--experts", "4", "--rank", "2", "--iters", "2", "--warmup", "0"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_layer_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look the module up by name
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP threads
+    waiting for a busy core make each tiny op take milliseconds; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def expected_variants(bench) -> set[str]:
+    names = {bench.BASE_VARIANT, bench.PEFT_VARIANT, bench.LDMOLE_LORA_VARIANT}
+    for router in bench.ROUTERS:
+        if router != "lora":
+            names |= {bench.ldmole_name(router), bench.dense_name(router)}
+    return names
+
+
+def test_main_writes_every_variant(bench, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(TINY + ["--threads", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| ldmole sparsegen |" in printed and "torch.get_num_threads()" in printed
+
+    result = json.loads(out.read_text())
+    assert result["environment"]["device"] == "cpu" and result["environment"]["dtype"] == "float32"
+    assert result["environment"]["torch_num_threads"] == 1
+    [shape] = result["shapes"]
+    assert (shape["d_in"], shape["d_out"]) == (32, 48)
+    rows = {row["variant"]: row for row in shape["rows"]}
+    assert set(rows) == expected_variants(bench) and len(rows) == 13
+    for name, row in rows.items():
+        assert row["median_ms"] > 0 and row["min_ms"] > 0, name
+        assert len(row["times_ms"]) == 2 and all(t > 0 for t in row["times_ms"]), name
+        assert row["peak_mb"] > 0, name
+        assert row["saved_mb"] >= 0, name
+        assert row["ratio_vs_peft"] > 0, name
+        if row["family"] == "ldmole" and row["router"] != "lora":
+            assert row["speedup_vs_dense"] > 0 and row["saved_mb"] > 0, name
+    # the dense formulation keeps a [T, E, d_out] tensor for backward, ldmole does not
+    assert rows["dense-einsum softmax"]["saved_mb"] > rows["ldmole softmax"]["saved_mb"]
+    assert len(shape["equivalence"]) == 6
+    for pair, errors in shape["equivalence"].items():
+        assert errors and max(errors.values()) < 1e-4, pair
+    assert "lambda_mlp.fc1.grad" in shape["equivalence"]["ldmole sparsegen == dense-einsum sparsegen"]
+    assert result["goals"] == {}  # 2048x6144 not run
+
+
+def _args(bench) -> argparse.Namespace:
+    return bench.build_parser().parse_args(TINY)
+
+
+@pytest.mark.parametrize("router,perturb", [
+    ("sparsegen", "lora_B"), ("sparsegen", "router"), ("sparsegen", "lambda"), ("softmax", "lora_A"),
+    ("topk", "lora_B"), ("lora", "lora_B"),
+])
+def test_equivalence_guard_fails_on_different_weights(bench, router, perturb):
+    args = _args(bench)
+    torch.manual_seed(0)
+    base = bench.make_base(32, 48, torch.device("cpu"), torch.float32)
+    ldmole_variant = bench.build_ldmole(base, router, args)
+    twin = bench.build_peft(base, args) if router == "lora" else bench.build_dense(base, router, args)
+    x = torch.randn(1, 16, 32)
+    bench.copy_weights(ldmole_variant, twin)
+    errors = bench.check_equivalence(ldmole_variant, twin, x, bench.contextlib.nullcontext, 1e-4)
+    assert max(errors.values()) < 1e-4
+
+    with torch.no_grad():
+        if perturb == "lambda":
+            target = twin.module._lambda_mlp[0].fc1.weight
+        elif perturb == "router":
+            target = twin.module.router.weight
+        elif twin.family == "peft":
+            target = getattr(twin.module, perturb)["default"].weight
+        else:
+            target = getattr(twin.module, perturb)
+        target.add_(0.05 * torch.randn_like(target))
+    with pytest.raises(bench.EquivalenceError, match="disagree"):
+        bench.check_equivalence(ldmole_variant, twin, x, bench.contextlib.nullcontext, 1e-4)
+
+
+def test_main_aborts_when_the_twin_has_other_weights(bench, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "copy_weights", lambda src, dst: None)  # twins keep their own random weights
+    assert bench.main(TINY + ["--routers", "softmax"]) == 2
+    err = capsys.readouterr().err
+    assert "equivalence check failed" in err and "ldmole softmax and dense-einsum softmax disagree" in err
+
+
+def test_goal_ratios_are_computed_on_2048x6144(bench):
+    args = bench.build_parser().parse_args([])
+    rows = [dict(variant=name, median_ms=ms, adapter_ms=ms - 100.0) for name, ms in [
+        (bench.BASE_VARIANT, 100.0), (bench.PEFT_VARIANT, 110.0), ("ldmole sparsegen", 130.0),
+        ("dense-einsum sparsegen", 400.0), ("ldmole softmax", 120.0), ("dense-einsum softmax", 300.0)]]
+    goals = bench.compute_goals([dict(d_in=2048, d_out=6144, rows=rows)], args)
+    assert goals["values"]["sparsegen"]["speedup_vs_dense"] == pytest.approx(400 / 130)
+    assert goals["values"]["sparsegen"]["speedup_met"] and goals["values"]["sparsegen"]["ratio_met"]
+    assert not goals["values"]["softmax"]["speedup_met"]  # 2.5x < 3x
+    assert any("goal >= 3x" in line and "rank-64" not in line for line in goals["lines"])
+    assert any("PEFT LoRA rank-64 time (goal <= 1.5x)" in line for line in goals["lines"])
+
+
+def test_threads_flag_does_not_leak(bench, monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench, "_run_benchmark", lambda args, log: seen.append(torch.get_num_threads()) or {})
+    bench.run_benchmark(bench.build_parser().parse_args(["--threads", "2"]))
+    assert seen == [2] and torch.get_num_threads() == 1

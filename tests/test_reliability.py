@@ -1,0 +1,198 @@
+"""Reliability: resume after SIGKILL, non-finite losses, multi-process CPU training, precision, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ldmole.checkpointing import latest_checkpoint
+from ldmole.run_config import compose_config
+from ldmole.trainer import NonFiniteLossError, train
+from tests.conftest import REPO_ROOT, SHARED_DATA
+
+pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
+
+TINY = ["model=tiny_qwen3", "task=arc_c", f"data_dir={SHARED_DATA}", f"tokenizer={SHARED_DATA}/tokenizers/qwen3",
+        "train_max_examples=200", "eval_max_examples=32"]
+
+
+def run_script(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "scripts/train.py", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def comparable(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in ("wall_time_s", "resumed_from")}
+
+
+def test_resume_after_sigkill_ends_with_the_uninterrupted_metrics(tmp_path):
+    args = TINY + ["method=remole", "num_epochs=2", "max_steps=20", "save_every=3"]
+    reference = run_script(args + [f"output_dir={tmp_path / 'whole'}"])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "scripts/train.py", *args, f"output_dir={out}"], cwd=REPO_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        latest = latest_checkpoint(out)
+        if latest is not None and int(latest.name.split("-")[1]) >= 6:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert process.wait(timeout=60) == -signal.SIGKILL, "the run must be killed mid-training for this test"
+    assert not (out / "metrics.json").exists()
+
+    resumed = run_script(args + [f"output_dir={out}", "resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    after = json.loads((out / "metrics.json").read_text())
+    assert after["resumed_from"] is not None
+    assert comparable(after) == comparable(whole), "a resumed run must end with exactly the uninterrupted metrics"
+    steps = [e["step"] for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "lr" in e]
+    assert steps == sorted(set(steps)), "log lines written after the checkpoint must not be duplicated"
+
+
+def test_partial_checkpoint_directory_is_ignored(tmp_path):
+    args = TINY + ["method=ldmole", "max_steps=4", "save_every=2", f"output_dir={tmp_path}"]
+    train(compose_config(args))
+    good = latest_checkpoint(tmp_path)
+    broken = tmp_path / "checkpoints" / ".tmp-step-00000009-crash"
+    broken.mkdir()
+    (broken / "trainer_state.pt").write_bytes(b"truncated")
+    assert latest_checkpoint(tmp_path) == good
+
+
+def test_nonfinite_loss_names_component_step_and_last_good_checkpoint(tmp_path):
+    config = compose_config(TINY + ["method=ldmole", "lr=1e30", "max_steps=6", "save_every=1",
+                                    "debug_nonfinite=true", f"output_dir={tmp_path}"])
+    with pytest.raises(NonFiniteLossError) as error:
+        train(config)
+    message = str(error.value)
+    assert "non-finite loss at step 2" in message and "'task'" in message
+    assert "step-00000001" in message and "resume=auto" in message
+    assert re.search(r"first module with a non-finite output: (model|ldmole_lambda_mlps)\.\S+", message)
+    assert latest_checkpoint(tmp_path).name == "step-00000001", "the last good checkpoint must survive"
+
+
+def test_nonfinite_without_debug_is_reported_at_the_next_check(tmp_path):
+    config = compose_config(TINY + ["method=softmax", "lr=1e30", "max_steps=6", "log_every=3", f"output_dir={tmp_path}"])
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2: component\(s\) \['lb', 'task'\]"):
+        train(config)
+
+
+def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    # accelerate 1.x's `launch --cpu` starts a single process; torchrun starts two and the trainer
+    # joins them over gloo (Accelerator(cpu=True) when CUDA is absent).
+    args = TINY + ["method=ldmole", "max_steps=8", "mole.dropout=0.0", "batch_size=8", "per_device_batch_size=4",
+                   "eval_batch_size=16", "log_every=4"]
+    single = run_script(args + [f"output_dir={tmp_path / 'one'}"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "scripts/train.py",
+                             *args, f"output_dir={tmp_path / 'two'}"], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["num_processes"] == 2 and two["num_eval_examples"] == one["num_eval_examples"] == 32
+    assert two["accuracy"] == one["accuracy"]
+    assert two["routing"]["avg_active_experts"] == pytest.approx(one["routing"]["avg_active_experts"], abs=1e-3)
+    log_one = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines() if '"lr"' in x]
+    log_two = [json.loads(x) for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines() if '"lr"' in x]
+    for a, b in zip(log_one, log_two, strict=True):
+        assert b["task"] == pytest.approx(a["task"], rel=1e-4), "same global batch must give the same loss"
+
+
+def test_bf16_autocast_on_cpu_trains_with_finite_losses(tmp_path):
+    metrics = train(compose_config(TINY + ["method=ldmole", "max_steps=4", "log_every=2", "mixed_precision=bf16",
+                                           f"output_dir={tmp_path}"]))
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines() if '"lr"' in x]
+    assert len(log) == 2 and all(abs(e["task"]) < 1e3 and abs(e["lb"]) < 1e3 for e in log)
+    assert 1 <= metrics["routing"]["avg_active_experts"] <= 8
+
+
+def test_gradient_checkpointing_gives_same_losses_and_routing(tmp_path):
+    results = []
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        metrics = train(compose_config(TINY + ["method=ldmole", "max_steps=4", "log_every=2", "sparsity_coef=0.1",
+                                               f"gradient_checkpointing={flag}", f"output_dir={out}"]))
+        log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"lr"' in x]
+        results.append((log, metrics["routing"]))
+    (log_a, routing_a), (log_b, routing_b) = results
+    for a, b in zip(log_a, log_b, strict=True):
+        for key in ("task", "lb", "sparsity"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), f"{key} differs with gradient checkpointing"
+    assert routing_b["avg_active_experts"] == pytest.approx(routing_a["avg_active_experts"], rel=1e-6)
+    assert routing_b["lambda"]["mean"] == pytest.approx(routing_a["lambda"]["mean"], rel=1e-6)
+
+
+def write_arc(directory: Path, rows: list, split: str = "train") -> None:
+    (directory / "arc_challenge").mkdir(parents=True, exist_ok=True)
+    (directory / "arc_challenge" / f"{split}.jsonl").write_text("".join(
+        (row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+
+
+def arc_row(n_options: int = 4, answer: str = "A") -> dict:
+    labels = [chr(ord("A") + i) for i in range(n_options)]
+    return {"id": "x", "question": "Which?", "choices": {"text": [f"option {l}" for l in labels], "label": labels},
+            "answerKey": answer}
+
+
+def bad_data(kind: str, root: Path) -> Path:
+    good = [arc_row() for _ in range(30)]
+    if kind == "missing_dir":
+        return root / "nowhere"
+    if kind == "malformed_jsonl":
+        write_arc(root, good[:3] + ['{"id": "y", "question": "Broken"'] + good[3:])
+    elif kind == "missing_field":
+        write_arc(root, good[:2] + [{"id": "z", "choices": arc_row()["choices"], "answerKey": "A"}])
+    elif kind == "empty_split":
+        write_arc(root, [])
+    elif kind == "eleven_options":
+        write_arc(root, good[:5] + [arc_row(11)])
+    elif kind == "answer_not_an_option":
+        write_arc(root, good[:5] + [arc_row(4, answer="Q")])
+    for split in ("validation",):
+        if kind not in ("missing_dir",) and not (root / "arc_challenge" / f"{split}.jsonl").exists():
+            write_arc(root, good, split)
+    return root
+
+
+BAD_INPUT = [
+    # (overrides, data problem, what the error must say)
+    (["model=qwen4"], None, ["unknown model 'qwen4'", "choose one of"]),
+    (["task=arcc"], None, ["unknown task 'arcc'", "did you mean 'arc_c'"]),
+    (["method=lda"], None, ["unknown method 'lda'", "choose one of"]),
+    (["learning_rate=1"], None, ["unknown key 'learning_rate'", "valid keys"]),
+    (["method=mola_8888", "mole.top_k=9"], None, ["top_k=9 exceeds", "lower top_k or add experts"]),
+    ([], "missing_dir", ["arc_challenge", "nowhere", "data_dir"]),
+    ([], "malformed_jsonl", ["train.jsonl", "line 4"]),
+    ([], "missing_field", ["line 3", "question"]),
+    ([], "empty_split", ["train", "empty"]),
+    ([], "eleven_options", ["line 6", "11 options", "10"]),
+    ([], "answer_not_an_option", ["line 6", "answerKey"]),
+    (["max_length=40"], "ok", ["max_length=40", "truncate_long=true"]),
+]
+
+
+@pytest.mark.parametrize("overrides, data, expected", BAD_INPUT, ids=[
+    "unknown_model", "unknown_task", "unknown_method", "unknown_key", "top_k_above_experts", "missing_data_dir",
+    "malformed_jsonl", "missing_field", "empty_split", "eleven_options", "answer_not_an_option", "too_long"])
+def test_bad_input_errors_name_problem_and_fix(overrides, data, expected, tmp_path):
+    data_dir = bad_data(data, tmp_path / "data") if data and data != "ok" else SHARED_DATA
+    args = ["model=tiny_qwen3", "task=arc_c", f"data_dir={data_dir}", f"tokenizer={SHARED_DATA}/tokenizers/qwen3",
+            f"output_dir={tmp_path / 'out'}", "max_steps=1", *overrides]
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        train(compose_config(args))
+    for fragment in expected:
+        assert fragment in str(error.value), f"{fragment!r} missing from: {error.value}"
+    assert not (tmp_path / "out" / "metrics.json").exists()
