@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Union
+
+from .suggest import did_you_mean
 
 __all__ = ["MoLEConfig", "ROUTERS", "LAMBDA_SHARING", "DEFAULT_TARGET_MODULES"]
 
@@ -15,12 +16,6 @@ LAMBDA_SHARING = ("width", "module", "layer")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 ExpertSpec = Union[int, list, str]
-
-
-def _closest(value: str, choices: tuple[str, ...] | list[str]) -> str:
-    """' (did you mean X?)' for the closest valid name, or '' when nothing is close."""
-    match = difflib.get_close_matches(str(value), list(choices), n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 def _parse_group_spec(spec: str) -> list[int]:
@@ -85,10 +80,10 @@ class MoLEConfig:
 
     def __post_init__(self) -> None:
         if self.router not in ROUTERS:
-            raise ValueError(f"router={self.router!r} is unknown{_closest(self.router, ROUTERS)}; choose one of {ROUTERS}")
+            raise ValueError(f"router={self.router!r} is unknown{did_you_mean(self.router, ROUTERS)}; choose one of {ROUTERS}")
         if self.lambda_sharing not in LAMBDA_SHARING:
             raise ValueError(
-                f"lambda_sharing={self.lambda_sharing!r} is unknown{_closest(self.lambda_sharing, LAMBDA_SHARING)}; "
+                f"lambda_sharing={self.lambda_sharing!r} is unknown{did_you_mean(self.lambda_sharing, LAMBDA_SHARING)}; "
                 f"choose one of {LAMBDA_SHARING}"
             )
         if not (0.0 < float(self.lambda_eps) < 1.0):
@@ -171,7 +166,7 @@ class MoLEConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in names:
-                raise ValueError(f"MoLEConfig has no field {key!r}{_closest(key, names)}; fields: {names}")
+                raise ValueError(f"MoLEConfig has no field {key!r}{did_you_mean(key, names)}; fields: {names}")
         return cls(**data)
 
     def to_json(self) -> str:

@@ -81,7 +81,8 @@ class TokenRouting:
             else:
                 self.activation_counts[key], self.weight_sums[key] = counts, sums
             if record.lam is not None:
-                self._lam.setdefault(key, []).append(record.lam.detach()[mask.to(record.lam.device)].float().cpu().numpy())
+                lam = record.lam.detach()[mask.to(record.lam.device)]
+                self._lam.setdefault(key, []).append(lam.float().cpu().numpy())
 
     @property
     def modules(self) -> list[ModuleKey]:
@@ -121,7 +122,8 @@ class TokenRouting:
         return slice(start, start + self.example_lengths[example])
 
 
-def active_expert_bands(routing: TokenRouting, low: float = 0.25, high: float = 0.75) -> dict[str, dict[str, list[float]]]:
+def active_expert_bands(routing: TokenRouting, low: float = 0.25,
+                        high: float = 0.75) -> dict[str, dict[str, list[float]]]:
     """``{module_type: {"layer", "mean", "low", "high"}}``: mean and quantiles of the active count per layer."""
     bands: dict[str, dict[str, list[float]]] = {}
     for layer, module_type in routing.modules:
@@ -293,7 +295,8 @@ def plot_active_vs_token_frequency(frequencies: np.ndarray, active: Mapping[str,
         errors = np.array([values[bucket == b].std(ddof=0) / np.sqrt((bucket == b).sum()) for b in present])
         bold = i == 0
         ax.errorbar(x, means, yerr=errors, marker="o", ms=5 if bold else 3, lw=2.5 if bold else 1, capsize=3,
-                    color="black" if bold else colors[name], alpha=1 if bold else 0.8, label=name, zorder=3 if bold else 2)
+                    color="black" if bold else colors[name], alpha=1 if bold else 0.8, label=name,
+                    zorder=3 if bold else 2)
     counts = [int((bucket == b).sum()) for b in present]
     ax.set_xticks(x, [f"{labels[b]}\n(n={c})" for b, c in zip(present, counts)])
     ax.set_xlabel(f"occurrences of the token in the {frequency_source}  (n = evaluated tokens in the bucket)")
@@ -321,7 +324,8 @@ def plot_expert_share(shares: Mapping[str, np.ndarray], path: PathLike, title: s
     cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
     image = None
     for ax, name, array in zip(axes, names, arrays):
-        image = ax.imshow(np.ma.masked_invalid(array), aspect="auto", cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
+        image = ax.imshow(np.ma.masked_invalid(array), aspect="auto", cmap=cmap, vmin=0, vmax=vmax,
+                          interpolation="nearest")
         ax.set_title(name, fontsize=10)
     fig.colorbar(image, ax=list(axes[: len(arrays)]), fraction=0.05, pad=0.02, label="share")
     if len(arrays) == 2:
@@ -353,7 +357,8 @@ def plot_zero_activation_rate(rates: Mapping[str, Mapping[str, Sequence[float]]]
     fig, ax = plt.subplots(figsize=(8, 4.8))
     colors = _colors(list(rates))
     for name, entry in rates.items():
-        ax.plot(entry["layer"], 100 * np.asarray(entry["rate"]), marker="o", ms=3, lw=1.5, color=colors[name], label=name)
+        ax.plot(entry["layer"], 100 * np.asarray(entry["rate"]), marker="o", ms=3, lw=1.5, color=colors[name],
+                label=name)
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("tokens with no active expert (%)")
     ax.set_title(title, fontsize=11)
@@ -397,9 +402,8 @@ def plot_token_routing(tokens: Sequence[str], weights: np.ndarray, path: PathLik
         axes[2].set_xlabel("λ")
         axes[2].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(3))
         axes[2].grid(axis="x", alpha=0.3)
-    top = axes[0].get_position().y1
-    bar = fig.add_axes([axes[0].get_position().x0, top + 0.25 / height, axes[-1].get_position().x1 - axes[0].get_position().x0,
-                        0.12 / height])
+    left, right, top = axes[0].get_position().x0, axes[-1].get_position().x1, axes[0].get_position().y1
+    bar = fig.add_axes([left, top + 0.25 / height, right - left, 0.12 / height])  # colour bar above the panels
     fig.colorbar(image, cax=bar, orientation="horizontal")
     bar.xaxis.set_ticks_position("top")
     bar.set_title("routing weight (blank = 0: expert inactive)", fontsize=9)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
 
 from .config import MoLEConfig
+from .suggest import did_you_mean
 
 __all__ = ["CONFIG_DIR", "compose_config", "parse_overrides", "available", "mole_config_from"]
 
@@ -20,11 +20,6 @@ FILE_KEYS = {
     "methods": ("mole", "lb_coef", "sparsity_coef", "sparsity_k", "z_coef", "remole_initial_coef", "remole_rate"),
 }
 SELECTORS = {"model": "models", "task": "tasks", "method": "methods"}
-
-
-def _did_you_mean(value: str, choices: Sequence[str]) -> str:
-    match = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.5)
-    return f"; did you mean {match[0]!r}?" if match else ""
 
 
 def available(kind: str, config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -65,15 +60,15 @@ def compose_config(overrides: Sequence[str] | dict[str, Any] = (), config_dir: P
         top, _, sub = key.partition(".")
         if top == "mole" and sub:
             if sub not in mole_fields:
-                raise ValueError(f"unknown key {key!r}{_did_you_mean(sub, sorted(mole_fields))} (mole.* keys: {sorted(mole_fields)})")
+                raise ValueError(f"unknown key {key!r}{did_you_mean(sub, sorted(mole_fields))} (mole.* keys: {sorted(mole_fields)})")
         elif key not in allowed:
-            raise ValueError(f"unknown key {key!r}{_did_you_mean(key, sorted(allowed))}; valid keys are listed in README.md")
+            raise ValueError(f"unknown key {key!r}{did_you_mean(key, sorted(allowed))}; valid keys are listed in README.md")
 
     for selector, kind in SELECTORS.items():
         name = str(overrides.get(selector, config[selector]))
         names = available(kind, config_dir)
         if name not in names:
-            raise ValueError(f"unknown {selector} {name!r}{_did_you_mean(name, names)}; choose one of {names}")
+            raise ValueError(f"unknown {selector} {name!r}{did_you_mean(name, names)}; choose one of {names}")
         layer = _read_yaml(config_dir / kind / f"{name}.yaml")
         for key in layer:
             if key not in FILE_KEYS[kind]:

@@ -113,7 +113,8 @@ class Cell:
     def subset(self) -> bool:
         """True when a run was scored on fewer examples than the task's full evaluation split."""
         full = FULL_EVAL_SIZES.get(self.runs[0].task)
-        return full is not None and any(r.num_eval_examples is not None and r.num_eval_examples < full for r in self.runs)
+        return full is not None and any(r.num_eval_examples is not None and r.num_eval_examples < full
+                                        for r in self.runs)
 
 
 @dataclass
@@ -196,7 +197,9 @@ def _method_order(methods: Sequence[str]) -> list[str]:
 def _differing_settings(runs: Sequence[RunResult]) -> list[str]:
     """Config keys (other than seed and output dir) whose values differ between ``runs``."""
     keys = set().union(*(run.config for run in runs)) - PER_RUN_KEYS
-    return sorted(k for k in keys if len({json.dumps(run.config.get(k), sort_keys=True, default=str) for run in runs}) > 1)
+    def value(run: RunResult, key: str) -> str:
+        return json.dumps(run.config.get(key), sort_keys=True, default=str)
+    return sorted(k for k in keys if len({value(run, k) for run in runs}) > 1)
 
 
 def build_tables(runs: Sequence[RunResult]) -> list[ModelTable]:
@@ -304,8 +307,9 @@ def _footnotes(table: ModelTable, runs_total: int) -> list[str]:
                      "(eval_max_examples): not comparable with the published numbers.")
     protocols = sorted({r.protocol for row in table.cells.values() for c in row.values() for r in c.runs if r.protocol})
     if protocols and protocols != ["reference"]:
-        notes.append(f"Our runs use protocol={'/'.join(protocols)}: the best epoch is picked on a split carved from "
-                     "train, not on the reported split as in the paper, so a small gap in the paper's favour is expected.")
+        notes.append(f"Our runs use protocol={'/'.join(protocols)}: the best epoch is picked on a split carved "
+                     "from train, not on the reported split as in the paper, so a small gap in the paper's favour "
+                     "is expected.")
     return notes + table.notes
 
 

@@ -21,11 +21,11 @@ needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data n
 
 
 @pytest.mark.parametrize("argument, message", [
-    ("model=qwen3_17b", "unknown model 'qwen3_17b'; did you mean 'qwen3_1.7b'"),
-    ("task=arc-c", "unknown task 'arc-c'; did you mean 'arc_c'"),
-    ("method=mola8888", "unknown method 'mola8888'; did you mean 'mola_8888'"),
-    ("max_step=3", "unknown key 'max_step'; did you mean 'max_steps'"),
-    ("mole.num_expert=4", "unknown key 'mole.num_expert'; did you mean 'num_experts'"),
+    ("model=qwen3_17b", "unknown model 'qwen3_17b' (did you mean 'qwen3_1.7b'"),
+    ("task=arc-c", "unknown task 'arc-c' (did you mean 'arc_c'"),
+    ("method=mola8888", "unknown method 'mola8888' (did you mean 'mola_8888'"),
+    ("max_step=3", "unknown key 'max_step' (did you mean 'max_steps'"),
+    ("mole.num_expert=4", "unknown key 'mole.num_expert' (did you mean 'num_experts'"),
     ("method=mola_2468 mole.top_k=3", "top_k=3 exceeds num_experts"),
     ("oops", "is not key=value"),
 ])

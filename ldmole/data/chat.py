@@ -20,9 +20,10 @@ Decisions (checked against the tokenizers' own chat templates, see tests/test_da
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Optional
+
+from ..suggest import did_you_mean
 
 __all__ = ["ChatFormat", "CHAT_FORMATS", "get_chat_format"]
 
@@ -74,6 +75,4 @@ def get_chat_format(name: str) -> ChatFormat:
     """The built-in chat format called ``name``; a ValueError lists the valid names otherwise."""
     if name in CHAT_FORMATS:
         return CHAT_FORMATS[name]
-    close = difflib.get_close_matches(str(name), list(CHAT_FORMATS), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ValueError(f"unknown chat format {name!r}{hint}; valid formats: {', '.join(CHAT_FORMATS)}")
+    raise ValueError(f"unknown chat format {name!r}{did_you_mean(name, CHAT_FORMATS)}; valid formats: {', '.join(CHAT_FORMATS)}")

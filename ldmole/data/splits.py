@@ -18,7 +18,6 @@ validation carve (what the reference release trains against and reports).
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 from .examples import Example, rows_to_examples
 from .rows import SourceRow, load_split_rows
 from .tasks import TaskSpec, get_task
+from ..suggest import did_you_mean
 
 __all__ = ["TaskData", "load_task", "carve_train_validation_test", "carve_selection", "PROTOCOLS",
            "default_selection_size", "MMLU_PRO_CARVE_SEED", "MAX_SELECTION_SIZE"]
@@ -102,9 +102,7 @@ def load_task(
     """
     spec = get_task(task_name)
     if protocol not in PROTOCOLS:
-        close = difflib.get_close_matches(str(protocol), PROTOCOLS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown protocol {protocol!r}{hint}; valid protocols: {', '.join(PROTOCOLS)}")
+        raise ValueError(f"unknown protocol {protocol!r}{did_you_mean(protocol, PROTOCOLS)}; valid protocols: {', '.join(PROTOCOLS)}")
     if spec.carved_from_one_split and selection_size is not None:
         raise ValueError(
             f"task {spec.name!r} selects on its fixed 10% validation carve; drop selection_size={selection_size}"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Literal, Optional
+
+from ..suggest import did_you_mean
 
 __all__ = ["TaskSpec", "TASKS", "get_task"]
 
@@ -65,6 +66,4 @@ def get_task(name: str) -> TaskSpec:
     """The registered task called ``name``; a ValueError lists the valid names otherwise."""
     if name in TASKS:
         return TASKS[name]
-    close = difflib.get_close_matches(str(name), list(TASKS), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ValueError(f"unknown task {name!r}{hint}; valid tasks: {', '.join(TASKS)}")
+    raise ValueError(f"unknown task {name!r}{did_you_mean(name, TASKS)}; valid tasks: {', '.join(TASKS)}")
