@@ -3,6 +3,7 @@
 #   bash run.sh                      # the paper's setting: Qwen3-1.7B, ARC-Challenge, LD-MoLE
 #   DATA_DIR=../shared/data MODEL=smollm2_135m bash run.sh     # offline, on the bundled real data
 #   bash run.sh max_steps=100 mole.num_experts=4               # extra key=value pass through
+# An empty setting keeps the value of the config files (configs/defaults.yaml, models/, methods/).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -14,22 +15,23 @@ NUM_GPUS=${NUM_GPUS:-$(python -c "import torch; print(torch.cuda.device_count())
 DATA_DIR=${DATA_DIR:-}              # empty: Hugging Face hub; else DIR/<name>/<split>.jsonl
 TOKENIZER=${TOKENIZER:-}            # empty: the model's own tokenizer
 OUTPUT_DIR=${OUTPUT_DIR:-}          # empty: runs/<model>/<task>/<method>/seed<seed>
-NUM_EPOCHS=${NUM_EPOCHS:-10}
-BATCH_SIZE=${BATCH_SIZE:-16}        # global batch
-PER_DEVICE_BATCH_SIZE=${PER_DEVICE_BATCH_SIZE:-4}
-LR=${LR:-1e-4}
-LB_COEF=${LB_COEF:-}                # load-balance coefficient (empty: the method's value)
-SPARSITY_COEF=${SPARSITY_COEF:-}    # analytic sparsity loss coefficient (empty: the method's value)
-SPARSITY_K=${SPARSITY_K:-2}         # target number of experts for the sparsity loss
+NUM_EPOCHS=${NUM_EPOCHS:-}          # empty: 10 (3 for llama3.1_8b)
+BATCH_SIZE=${BATCH_SIZE:-}          # global batch; empty: 16
+PER_DEVICE_BATCH_SIZE=${PER_DEVICE_BATCH_SIZE:-}  # empty: 4
+LR=${LR:-}                          # empty: 1e-4
+LB_COEF=${LB_COEF:-}                # load-balance coefficient; empty: the method's value
+SPARSITY_COEF=${SPARSITY_COEF:-}    # analytic sparsity loss coefficient; empty: the method's value (0)
+SPARSITY_K=${SPARSITY_K:-}          # target number of experts of the sparsity loss; empty: 2
+SAVE_EVERY=${SAVE_EVERY:-}          # checkpoint every N steps (resume with RESUME=auto); empty: off
+RESUME=${RESUME:-}                  # auto: continue from the newest checkpoint of the output dir
 MIXED_PRECISION=${MIXED_PRECISION:-}  # empty: bf16 on GPUs, no on CPU
 
-args=(model="$MODEL" task="$TASK" method="$METHOD" seed="$SEED" num_epochs="$NUM_EPOCHS"
-      batch_size="$BATCH_SIZE" per_device_batch_size="$PER_DEVICE_BATCH_SIZE" lr="$LR" sparsity_k="$SPARSITY_K")
-[ -n "$DATA_DIR" ] && args+=(data_dir="$DATA_DIR")
-[ -n "$TOKENIZER" ] && args+=(tokenizer="$TOKENIZER")
-[ -n "$OUTPUT_DIR" ] && args+=(output_dir="$OUTPUT_DIR")
-[ -n "$LB_COEF" ] && args+=(lb_coef="$LB_COEF")
-[ -n "$SPARSITY_COEF" ] && args+=(sparsity_coef="$SPARSITY_COEF")
+args=(model="$MODEL" task="$TASK" method="$METHOD" seed="$SEED")
+add() { [ -n "$2" ] && args+=("$1=$2"); return 0; }
+add data_dir "$DATA_DIR"; add tokenizer "$TOKENIZER"; add output_dir "$OUTPUT_DIR"
+add num_epochs "$NUM_EPOCHS"; add batch_size "$BATCH_SIZE"; add per_device_batch_size "$PER_DEVICE_BATCH_SIZE"
+add lr "$LR"; add lb_coef "$LB_COEF"; add sparsity_coef "$SPARSITY_COEF"; add sparsity_k "$SPARSITY_K"
+add save_every "$SAVE_EVERY"; add resume "$RESUME"
 
 if [ "$NUM_GPUS" -gt 0 ]; then
   args+=(mixed_precision="${MIXED_PRECISION:-bf16}")

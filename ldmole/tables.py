@@ -62,7 +62,7 @@ PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
 # 10% test carve). A run scored on fewer examples (eval_max_examples) is marked in the table.
 FULL_EVAL_SIZES: dict[str, int] = {
     "arc_c": 299, "arc_e": 570, "obqa": 500, "csqa": 1221, "swag": 20006, "hellaswag": 10042,
-    "mmlu_pro": 1203, "cola": 1043, "rte": 277,
+    "mmlu_pro": 1204, "cola": 1043, "rte": 277,
 }
 
 MISSING = "—"
@@ -293,8 +293,8 @@ def _footnotes(table: ModelTable, runs_total: int) -> list[str]:
     notes.append("Avg = mean over all nine tasks, shown only for rows that have all nine.")
     if table.shared_tasks is not None:
         shared = ", ".join(title for task, title in TASK_COLUMNS if task in table.shared_tasks) or "none"
-        notes.append(f"Avg (shared) = mean over the tasks every row of ours in this table has ({shared}); "
-                     "the published row is averaged over the same tasks.")
+        notes.append(f"Avg (shared) = mean over the tasks every row of ours in this table has ({shared})"
+                     + ("; the published rows are averaged over the same tasks." if table.published else "."))
     notes.append("active experts = mean over this row's runs of the average number of experts with nonzero "
                  "weight per token and adapted module (evaluation split); it depends on the tasks run.")
     if table.published:

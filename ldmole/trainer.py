@@ -306,6 +306,8 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
             atomic_write(log_path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None and log_path.exists():
+            log_path.unlink()  # a fresh start: the log of an earlier attempt would interleave with this one
         atomic_write(output_dir / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False)))
     if report_to:
         accelerator.init_trackers("ldmole", config={k: str(v) for k, v in config.items()})

@@ -1,0 +1,45 @@
+"""Results tables in the paper's layout from every metrics.json under a folder.
+
+    python scripts/make_tables.py runs/                      # -> runs/tables/{results.md,<model>.csv}
+    python scripts/make_tables.py runs/ --out docs/tables --digits 2
+
+One table per model: rows = methods (with PAPER.md §5's published numbers and ours − published
+where the paper has them), columns = MMLU-Pro ... RTE, Avg, active experts. The Markdown is also
+printed. Layout, averaging and footnotes: ldmole/tables.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ldmole.tables import build_tables, collect_runs, format_markdown, write_tables  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", type=Path, help="folder searched recursively for metrics.json (e.g. a sweep root)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: ROOT/tables)")
+    parser.add_argument("--digits", type=int, default=1, choices=(1, 2), help="decimals of the accuracy cells")
+    args = parser.parse_args(argv)
+    try:
+        runs = collect_runs(args.root)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not runs:
+        print(f"error: no metrics.json under {args.root}; finished runs write one (see scripts/sweep.py)",
+              file=sys.stderr)
+        return 1
+    tables = build_tables(runs)
+    print(format_markdown(tables, args.digits))
+    written = write_tables(tables, args.out or args.root / "tables", args.digits)
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

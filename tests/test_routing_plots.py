@@ -1,0 +1,161 @@
+"""ldmole/routing_plots.py on synthetic routing, and scripts/plot_routing.py on a tiny saved run."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ldmole import RoutingRecord
+from ldmole import routing_plots as rp
+from tests.conftest import REPO_ROOT, SHARED_DATA
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path):
+    assert path.is_file() and path.stat().st_size > 1000, f"{path} should be a non-empty PNG"
+    assert path.read_bytes()[:8] == PNG_MAGIC, f"{path} is not a PNG"
+
+
+def record(layer: int, module_type: str, weights: torch.Tensor, lam=None, router="sparsegen") -> RoutingRecord:
+    return RoutingRecord(f"model.layers.{layer}.{module_type}", layer, module_type, router, weights, weights,
+                         lam, None)
+
+
+def synthetic_routing(num_layers=3, experts=(4, 4, 6), router="sparsegen", seed=0) -> rp.TokenRouting:
+    """Two batches of 2 sequences (lengths 5+3, then 4+4) with sparse random weights."""
+    generator = torch.Generator().manual_seed(seed)
+    routing = rp.TokenRouting()
+    batches = [torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1]])]
+    for mask in batches:
+        records = []
+        for layer in range(num_layers):
+            for module_type in ("q_proj", "down_proj"):
+                raw = torch.rand(*mask.shape, experts[layer], generator=generator)
+                weights = torch.where(raw > 0.5, raw, torch.zeros_like(raw))
+                lam = torch.rand(*mask.shape, generator=generator) - 1 if router == "sparsegen" else None
+                records.append(record(layer, module_type, weights, lam, router))
+        input_ids = torch.randint(0, 50, mask.shape, generator=generator)
+        routing.add(records, input_ids, mask)
+    return routing
+
+
+def test_token_routing_keeps_real_tokens_in_example_order():
+    routing = synthetic_routing()
+    assert routing.example_lengths == [5, 3, 4, 4]
+    assert len(routing.token_ids) == 16 and routing.active((0, "q_proj")).shape == (16,)
+    assert routing.example_slice(1) == slice(5, 8) and routing.example_slice(3) == slice(12, 16)
+    assert routing.modules == [(0, "q_proj"), (0, "down_proj"), (1, "q_proj"), (1, "down_proj"), (2, "q_proj"),
+                               (2, "down_proj")], "modules sort by layer, then q, k, v, o, gate, up, down"
+    weights = routing.weights((2, "q_proj"))
+    assert weights.shape == (16, 6)
+    np.testing.assert_array_equal(routing.active((2, "q_proj")), (weights > 0).sum(1))
+    with pytest.raises(IndexError):
+        routing.example_slice(4)
+
+
+def test_summaries_of_active_counts_lambda_and_share():
+    routing = synthetic_routing()
+    bands = rp.active_expert_bands(routing)
+    assert set(bands) == {"q_proj", "down_proj"} and bands["q_proj"]["layer"] == [0, 1, 2]
+    active = routing.active((1, "down_proj"))
+    assert bands["down_proj"]["mean"][1] == pytest.approx(active.mean())
+    assert bands["down_proj"]["low"][1] <= bands["down_proj"]["mean"][1] <= bands["down_proj"]["high"][1]
+    lams = rp.lambda_by_layer(routing)
+    assert sorted(lams) == [0, 1, 2] and lams[0].shape == (32,), "λ pools both module types of a layer"
+    share = rp.expert_share_by_layer(routing)
+    assert share.shape == (3, 6)
+    assert np.isnan(share[0, 4:]).all() and not np.isnan(share[2]).any(), "layers with fewer experts pad with NaN"
+    np.testing.assert_allclose(np.nansum(share, axis=1), 1.0)
+    np.testing.assert_allclose(np.nansum(rp.expert_share_by_layer(routing, "weight"), axis=1), 1.0)
+    rates = rp.zero_activation_by_layer(routing)
+    assert rates["q_proj"]["rate"][0] == pytest.approx((routing.active((0, "q_proj")) == 0).mean())
+    per_token = rp.mean_active_per_token(routing)
+    assert list(per_token)[0] == "all modules" and per_token["all modules"].shape == (16,)
+
+
+def test_frequency_buckets_are_decades_with_unseen_first():
+    bucket, labels = rp.frequency_buckets(np.array([0, 1, 9, 10, 99, 100, 5000]))
+    assert labels == ["0", "1–9", "10–99", "100–999", "1k–<10k"]
+    assert bucket.tolist() == [0, 1, 1, 2, 2, 3, 4]
+
+
+def test_token_label_escapes_whitespace_and_dollars():
+    assert rp.token_label(" the\n") == "·the\\n" and rp.token_label("$$") == r"\$\$"
+
+
+def test_each_plot_function_writes_a_png_from_plain_data(tmp_path):
+    layers = [0, 1, 2, 3]
+    bands = {name: {"layer": layers, "mean": [3.0, 2.5, 2.0, 1.5], "low": [2, 2, 1, 1], "high": [4, 3, 3, 2]}
+             for name in ("q_proj", "v_proj", "up_proj", "down_proj")}
+    assert_png(rp.plot_active_experts_per_layer(bands, tmp_path / "active.png", max_experts=8))
+    rng = np.random.default_rng(0)
+    assert_png(rp.plot_lambda_per_layer({layer: rng.normal(-1, 0.3, 200) for layer in layers}, tmp_path / "lambda.png"))
+    assert_png(rp.plot_lambda_per_layer({0: np.full(10, -1.59)}, tmp_path / "lambda_constant.png"))
+    frequencies = rng.integers(0, 5000, 300)
+    active = {"all modules": rng.uniform(1, 8, 300), "q_proj": rng.uniform(1, 8, 300)}
+    assert_png(rp.plot_active_vs_token_frequency(frequencies, active, tmp_path / "freq.png"))
+    share = rng.dirichlet(np.ones(8), size=4)
+    share_2468 = share.copy()
+    share_2468[0, 2:] = np.nan
+    assert_png(rp.plot_expert_share({"after epoch 1": share_2468, "final": share}, tmp_path / "share.png"))
+    assert_png(rp.plot_expert_share({"final": share}, tmp_path / "share_single.png"))
+    assert_png(rp.plot_zero_activation_rate({"q_proj": {"layer": layers, "rate": [0.1, 0.05, 0.0, 0.2]}},
+                                            tmp_path / "zero.png"))
+    weights = np.where(rng.random((12, 8)) > 0.6, rng.random((12, 8)), 0.0)
+    tokens = [rp.token_label(t) for t in ["<|im_start|>", "user", "\n", " Which", " is", "$", "?"] + ["x"] * 5]
+    assert_png(rp.plot_token_routing(tokens, weights, tmp_path / "tokens.png", lam=rng.normal(-1, 0.2, 12)))
+    assert_png(rp.plot_token_routing(tokens, weights, tmp_path / "tokens_no_lambda.png"))
+    with pytest.raises(ValueError, match="token labels"):
+        rp.plot_token_routing(tokens[:3], weights, tmp_path / "bad.png")
+
+
+needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished 3-step LD-MoLE run of the tiny Qwen3 on ARC-C (adapter/, adapter_epoch1/, metrics.json)."""
+    from ldmole.run_config import compose_config
+    from ldmole.trainer import train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    train(compose_config(["model=tiny_qwen3", "task=arc_c", "method=ldmole", f"data_dir={SHARED_DATA}",
+                          f"tokenizer={SHARED_DATA}/tokenizers/qwen3", f"output_dir={out}", "max_steps=3",
+                          "train_max_examples=48", "selection_size=16", "eval_max_examples=16"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def plot_routing():
+    spec = importlib.util.spec_from_file_location("plot_routing_under_test", REPO_ROOT / "scripts" / "plot_routing.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@needs_data
+def test_plot_routing_on_a_saved_run_writes_every_figure(tiny_run, plot_routing, tmp_path, capsys):
+    status = plot_routing.main([str(tiny_run), "--out", str(tmp_path), "--num-examples", "16", "--freq-examples", "40",
+                                "--layer", "3", "--module", "down_proj", "--example", "2", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    for name in ("active_experts_per_layer.png", "lambda_per_layer.png", "active_vs_token_frequency.png",
+                 "expert_share.png", "token_routing_L3_down_proj_ex2.png"):
+        assert_png(tmp_path / name)
+    assert not (tmp_path / "zero_activation_rate.png").exists()
+    assert "skip zero_activation_rate.png: router 'sparsegen'" in err
+    assert "warning" not in err, f"the rerun should reproduce the run's accuracy on the same examples: {err}"
+
+
+@needs_data
+def test_plot_routing_names_valid_layers_and_modules(tiny_run, plot_routing, tmp_path, capsys):
+    status = plot_routing.main([str(tiny_run), "--out", str(tmp_path), "--num-examples", "4", "--freq-examples", "8",
+                                "--layer", "9", "--device", "cpu"])
+    assert status == 2 and "layers 0..3" in capsys.readouterr().err

@@ -1,0 +1,135 @@
+"""scripts/sweep.py: the commands of a dry run, skipping finished runs, and carrying on past failures."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("sweep_under_test", REPO_ROOT / "scripts" / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up while being defined
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def run_sweep(sweep, argv, launch=None):
+    out = io.StringIO()
+    kwargs = {"launch": launch} if launch else {}
+    return sweep.main(argv, out=out, **kwargs), out.getvalue()
+
+
+def parse_line(line: str) -> tuple[dict[str, str], list[str]]:
+    """(environment assignments, command) of one printed shell line."""
+    words = shlex.split(line)
+    env = dict(w.split("=", 1) for w in words if "=" in w and w.split("=", 1)[0].isupper())
+    return env, [w for w in words if w not in {f"{k}={v}" for k, v in env.items()}]
+
+
+def test_dry_run_prints_one_run_sh_command_per_grid_point(sweep, tmp_path):
+    status, out = run_sweep(sweep, ["--models", "tiny_qwen3", "--tasks", "arc_c,rte", "--methods", "ldmole,remole",
+                                    "--seeds", "1,2", "--root", str(tmp_path), "--dry-run", "max_steps=5",
+                                    "data_dir=/data"])
+    assert status == 0
+    lines = [line for line in out.splitlines() if not line.startswith("#")]
+    assert len(lines) == 2 * 2 * 2, "expected tasks x methods x seeds commands"
+    env, command = parse_line(lines[0])
+    assert command == ["bash", str(REPO_ROOT / "run.sh"), "resume=auto", "max_steps=5", "data_dir=/data"], \
+        "unfinished runs resume from their newest checkpoint; the user's overrides follow"
+    assert env["MODEL"] == "tiny_qwen3" and env["TASK"] == "arc_c" and env["METHOD"] == "ldmole" and env["SEED"] == "1"
+    assert env["OUTPUT_DIR"] == str(tmp_path.resolve() / "tiny_qwen3" / "arc_c" / "ldmole" / "seed1")
+    assert [parse_line(line)[0]["SEED"] for line in lines[:2]] == ["1", "2"]
+    assert "# dry run: 8 to run, 0 skipped" in out
+    assert not any(tmp_path.iterdir()), "a dry run must not create run folders"
+
+
+def test_run_sh_passes_only_the_settings_that_are_set(tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "python").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    (fake_bin / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "NUM_GPUS": "0", "MODEL": "llama3.1_8b"}
+    for var in ("NUM_EPOCHS", "LR", "BATCH_SIZE", "SPARSITY_K"):
+        env.pop(var, None)
+    args = subprocess.run(["bash", "run.sh", "max_steps=5"], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, check=True).stdout.split()
+    assert args[0] == "scripts/train.py" and "model=llama3.1_8b" in args and args[-1] == "max_steps=5"
+    assert not any(a.startswith(("num_epochs=", "lr=", "batch_size=")) for a in args), \
+        "unset run.sh settings must leave the config files' values (llama3.1_8b trains 3 epochs)"
+    env["NUM_EPOCHS"] = "1"
+    args = subprocess.run(["bash", "run.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          check=True).stdout.split()
+    assert "num_epochs=1" in args
+
+
+def test_finished_runs_are_skipped(sweep, tmp_path):
+    done = tmp_path / "tiny_qwen3" / "arc_c" / "ldmole" / "seed42"
+    done.mkdir(parents=True)
+    (done / "metrics.json").write_text("{}")
+    (tmp_path / "tiny_qwen3" / "rte" / "ldmole" / "seed42").mkdir(parents=True)  # started, never finished
+    launched = []
+    status, out = run_sweep(sweep, ["--models", "tiny_qwen3", "--tasks", "arc_c,rte", "--methods", "ldmole",
+                                    "--root", str(tmp_path)], launch=lambda job: launched.append(job.name) or 1)
+    assert launched == ["tiny_qwen3/rte/ldmole/seed42"], "only the unfinished run may be launched"
+    assert "skip tiny_qwen3/arc_c/ldmole/seed42" in out
+    assert status == 1
+
+
+def test_a_failed_run_does_not_stop_the_sweep_and_is_summarised(sweep, tmp_path):
+    def launch(job):
+        if job.method == "remole":
+            return 3
+        job.output_dir.mkdir(parents=True)
+        (job.output_dir / "metrics.json").write_text("{}")
+        return 0
+
+    status, out = run_sweep(sweep, ["--models", "tiny_qwen3", "--tasks", "arc_c", "--methods", "remole,ldmole,softmax",
+                                    "--root", str(tmp_path)], launch=launch)
+    assert status == 1, "a sweep with a failure must exit non-zero"
+    assert "sweep: 2 finished, 0 skipped (already finished), 1 failed" in out
+    assert "FAILED tiny_qwen3/arc_c/remole/seed42 (exit status 3)" in out
+    assert (tmp_path / "tiny_qwen3" / "arc_c" / "softmax" / "seed42" / "metrics.json").is_file()
+
+
+def test_clean_exit_without_metrics_counts_as_failure(sweep, tmp_path):
+    status, out = run_sweep(sweep, ["--models", "tiny_qwen3", "--tasks", "arc_c", "--methods", "ldmole",
+                                    "--root", str(tmp_path)], launch=lambda job: 0)
+    assert status == 1 and "wrote no metrics.json" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "ldmol"], "unknown method 'ldmol'"),
+    (["--methods", "ldmole", "seed=3"], "seed is set by the sweep"),
+    (["--methods", "ldmole", "max_step=3"], "unknown key 'max_step'"),
+])
+def test_bad_grids_fail_before_anything_runs(sweep, tmp_path, capsys, argv, message):
+    launched = []
+    status, _ = run_sweep(sweep, ["--models", "tiny_qwen3", "--tasks", "arc_c", "--root", str(tmp_path), *argv],
+                          launch=launched.append)
+    assert status == 2 and not launched
+    assert message in capsys.readouterr().err
+
+
+def test_launch_passes_the_environment_and_logs_to_the_run_folder(sweep, tmp_path, monkeypatch):
+    job = sweep.build_jobs(["tiny_qwen3"], ["rte"], ["ldmole"], [7], tmp_path, ["max_steps=1"])[0]
+    echo = ["bash", "-c", 'echo "$MODEL $TASK $SEED $OUTPUT_DIR"; exit 4']
+    monkeypatch.setattr(sweep.Job, "command", lambda self: echo)
+    assert sweep.launch(job) == 4
+    log = (job.output_dir / sweep.LOG_NAME).read_text()
+    assert f"tiny_qwen3 rte 7 {job.output_dir}" in log, "run.sh must see the run's settings in its environment"
+
+
+def test_a_resume_override_replaces_the_automatic_one(sweep, tmp_path):
+    job = sweep.build_jobs(["tiny_qwen3"], ["rte"], ["ldmole"], [7], tmp_path, ["resume=null"])[0]
+    assert job.command()[2:] == ["resume=null"]

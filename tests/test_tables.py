@@ -1,0 +1,144 @@
+"""ldmole/tables.py and scripts/make_tables.py on synthetic metrics.json files."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from ldmole.tables import (FULL_EVAL_SIZES, PUBLISHED, TASK_COLUMNS, build_tables, collect_runs, format_markdown,
+                           write_tables)
+from tests.conftest import REPO_ROOT
+
+TASKS = [task for task, _ in TASK_COLUMNS]
+
+
+def write_run(root: Path, model: str, task: str, method: str, seed: int, accuracy: float,
+              active: float | None = 3.0, num_eval: int | None = None, **config) -> Path:
+    """A run folder as the trainer writes it (metrics.json + config.yaml), at the sweep's path."""
+    run = root / model / task / method / f"seed{seed}"
+    run.mkdir(parents=True)
+    metrics = {"accuracy": accuracy, "num_eval_examples": num_eval or FULL_EVAL_SIZES.get(task, 100),
+               "model": model, "task": task, "method": method, "seed": seed, "protocol": "selection",
+               "routing": {} if active is None else {"avg_active_experts": active}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": model, "task": task, "method": method, "seed": seed,
+                                                     "output_dir": str(run), "lr": 1e-4, **config}))
+    return run
+
+
+def table_rows(markdown: str, model: str) -> dict[str, list[str]]:
+    """{row label: cells} of one model's Markdown table."""
+    section = markdown.split(f"### {model}\n", 1)[1].split("\n### ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[1:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header[1:], cells[1:]))
+    return rows
+
+
+def test_published_table_matches_paper_averages():
+    for model, methods in PUBLISHED.items():
+        for method, row in methods.items():
+            assert set(row) == set(TASKS) | {"avg"}, f"{model}/{method}: published row must name all nine tasks"
+            assert np.mean([row[t] for t in TASKS]) == pytest.approx(row["avg"], abs=0.03), \
+                f"{model}/{method}: the typed-in cells should average to the paper's Avg {row['avg']} " \
+                "(up to the rounding of its cells)"
+
+
+def test_cell_is_mean_and_sample_std_over_seeds_with_n(tmp_path):
+    for seed, acc in zip((1, 2, 3), (0.70, 0.74, 0.78)):
+        write_run(tmp_path, "llama3.2_3b", "arc_c", "ldmole", seed, acc)
+    markdown = format_markdown(build_tables(collect_runs(tmp_path)))
+    rows = table_rows(markdown, "llama3.2_3b")
+    assert rows["LD-MoLE"]["ARC-C"] == "74.0 ± 4.0 (n=3)", "expected mean 74.0 and sample std 4.0 over 3 seeds"
+    assert rows["LD-MoLE · published"]["ARC-C"] == "74.6"
+    assert rows["LD-MoLE · ours − published"]["ARC-C"] == "-0.6"
+
+
+def test_missing_cells_stay_missing_and_avg_needs_all_nine(tmp_path):
+    write_run(tmp_path, "llama3.2_3b", "arc_c", "ldmole", 42, 0.80)
+    write_run(tmp_path, "llama3.2_3b", "rte", "ldmole", 42, 0.90)
+    write_run(tmp_path, "llama3.2_3b", "arc_c", "mola_8888", 42, 0.70)
+    markdown = format_markdown(build_tables(collect_runs(tmp_path)))
+    rows = table_rows(markdown, "llama3.2_3b")
+    assert rows["LD-MoLE"]["SWAG"] == "—" and rows["MoLA 8888"]["RTE"] == "—", "tasks without runs must show —"
+    assert rows["LD-MoLE"]["Avg"] == "—", "Avg is only shown for rows with all nine tasks"
+    # shared tasks = the ones every row has (ARC-C only), published averaged over the same task
+    assert rows["LD-MoLE"]["Avg (shared)"] == "80.0" and rows["MoLA 8888"]["Avg (shared)"] == "70.0"
+    assert rows["LD-MoLE · published"]["Avg (shared)"] == "74.6"
+    assert rows["LD-MoLE · published"]["Avg"] == "82.0", "the published row keeps the paper's own Avg"
+    assert "Avg (shared) = mean over the tasks every row of ours in this table has (ARC-C)" in markdown
+
+
+def test_complete_rows_get_avg_without_shared_column(tmp_path):
+    for i, task in enumerate(TASKS):
+        write_run(tmp_path, "qwen3_1.7b", task, "ldmole", 42, 0.5 + 0.01 * i)
+    table = build_tables(collect_runs(tmp_path))[0]
+    assert table.shared_tasks is None
+    assert table.ours_avg("ldmole") == pytest.approx(54.0)
+    rows = table_rows(format_markdown([table]), "qwen3_1.7b")
+    assert rows["LD-MoLE"]["Avg"] == "54.0" and "Avg (shared)" not in rows["LD-MoLE"]
+    assert "LD-MoLE · published" not in rows, "the paper reports no Qwen3-1.7B numbers in PAPER.md"
+
+
+def test_active_experts_column_averages_the_rows_runs(tmp_path):
+    write_run(tmp_path, "llama3.2_3b", "arc_c", "remole", 1, 0.7, active=2.0)
+    write_run(tmp_path, "llama3.2_3b", "arc_c", "remole", 2, 0.7, active=3.0)
+    write_run(tmp_path, "llama3.2_3b", "rte", "remole", 1, 0.7, active=4.0)
+    write_run(tmp_path, "llama3.2_3b", "arc_c", "lora", 1, 0.7, active=None)
+    rows = table_rows(format_markdown(build_tables(collect_runs(tmp_path))), "llama3.2_3b")
+    assert rows["ReMoLE"]["active experts"] == "3.00"
+    assert rows["LoRA"]["active experts"] == "—", "a router-less method has no active-expert count"
+
+
+def test_subset_evaluations_and_differing_settings_are_flagged(tmp_path):
+    write_run(tmp_path, "llama3.2_3b", "arc_c", "ldmole", 1, 0.7, num_eval=64)
+    write_run(tmp_path, "llama3.2_3b", "arc_c", "ldmole", 2, 0.7, num_eval=64, lr=3e-4)
+    markdown = format_markdown(build_tables(collect_runs(tmp_path)))
+    assert table_rows(markdown, "llama3.2_3b")["LD-MoLE"]["ARC-C"].endswith("†")
+    assert "the 2 runs averaged differ in lr" in markdown
+
+
+def test_duplicate_runs_are_an_error_naming_both(tmp_path):
+    first = write_run(tmp_path / "a", "llama3.2_3b", "arc_c", "ldmole", 42, 0.7)
+    second = write_run(tmp_path / "b", "llama3.2_3b", "arc_c", "ldmole", 42, 0.8)
+    with pytest.raises(ValueError, match="two runs") as error:
+        collect_runs(tmp_path)
+    assert str(first) in str(error.value) and str(second) in str(error.value)
+
+
+def test_write_tables_writes_markdown_and_one_csv_per_model(tmp_path):
+    for seed, acc in ((1, 0.6), (2, 0.8)):
+        write_run(tmp_path / "runs", "llama3.2_3b", "arc_c", "ldmole", seed, acc)
+    write_run(tmp_path / "runs", "qwen3_1.7b", "rte", "mola_2468", 42, 0.9)
+    paths = write_tables(build_tables(collect_runs(tmp_path / "runs")), tmp_path / "out")
+    assert [p.name for p in paths] == ["results.md", "llama3.2_3b.csv", "qwen3_1.7b.csv"]
+    assert "### llama3.2_3b" in paths[0].read_text() and "### qwen3_1.7b" in paths[0].read_text()
+    with open(paths[1]) as handle:
+        rows = list(csv.DictReader(handle))
+    by_source = {row["source"]: row for row in rows}
+    assert set(by_source) == {"ours", "published", "ours − published"}
+    assert float(by_source["ours"]["ARC-C"]) == pytest.approx(70.0)
+    assert float(by_source["ours"]["ARC-C std"]) == pytest.approx(np.std([60, 80], ddof=1), abs=1e-3)
+    assert by_source["ours"]["ARC-C n"] == "2" and by_source["ours"]["SWAG"] == ""
+    assert float(by_source["ours − published"]["ARC-C"]) == pytest.approx(70.0 - 74.58)
+
+
+def test_make_tables_script_prints_markdown_and_writes_files(tmp_path, capsys):
+    write_run(tmp_path, "llama3.1_8b", "arc_c", "ldmole", 42, 0.85)
+    spec = importlib.util.spec_from_file_location("make_tables_under_test", REPO_ROOT / "scripts" / "make_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(tmp_path), "--digits", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "| LD-MoLE | — | 85.00 |" in printed and "| LD-MoLE · ours − published | — | +1.30 |" in printed
+    assert (tmp_path / "tables" / "results.md").is_file() and (tmp_path / "tables" / "llama3.1_8b.csv").is_file()
+    assert module.main([str(tmp_path / "empty_dir_that_is_missing")]) == 2
