@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader
 
 from . import losses
 from .adapter_io import atomic_write, load_mole, save_mole
-from .checkpointing import latest_checkpoint, new_checkpoint_tmp, prune_checkpoints, rng_state, set_rng_state, write_checkpoint
 from .analysis import RoutingStats
+from .checkpointing import (latest_checkpoint, new_checkpoint_tmp, prune_checkpoints, rng_state, set_rng_state,
+                            write_checkpoint)
 from .data import collate, encode_classification, encode_qa, get_chat_format, load_task, pad_token_id_for
 from .data.features import IGNORE_INDEX
 from .evaluation import classification_metrics, option_scores, qa_metrics
@@ -69,6 +70,7 @@ def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _encode_all(examples, kind: str, tokenizer, chat_format, max_length: int, truncate: bool) -> list[dict]:
+    """Token features of every example, each tagged with its index (to map gathered predictions back)."""
     encode = encode_qa if kind == "qa" else encode_classification
     features = []
     for index, example in enumerate(examples):
@@ -79,6 +81,7 @@ def _encode_all(examples, kind: str, tokenizer, chat_format, max_length: int, tr
 
 
 def _collate_with_index(batch: list[dict], pad_token_id: int, kind: str) -> dict:
+    """A padded batch plus the positions whose logits the loss needs and their targets (tensors only)."""
     out = collate(batch, pad_token_id)
     out["example_index"] = torch.tensor([item["example_index"] for item in batch], dtype=torch.long)
     if kind == "qa":
@@ -99,6 +102,7 @@ def _lr_factor(step: int, steps_per_epoch: int, warmup: int, milestones: list[in
 
 
 def _gradient_accumulation(config: dict, num_processes: int) -> int:
+    """Micro-batches per optimiser step so that the global batch is ``batch_size``."""
     per_step = int(config["per_device_batch_size"]) * num_processes
     if int(config["batch_size"]) % per_step:
         raise ValueError(
