@@ -111,7 +111,7 @@ def _hub_rows(spec: TaskSpec, split: str) -> list[SourceRow]:
 
         dataset = datasets.load_dataset(spec.hub_path, spec.hub_config, split=split)
     except Exception as exc:
-        raise RuntimeError(
+        raise ConnectionError(
             f"task {spec.name!r}: could not load split {split!r} of {name} from the Hugging Face hub "
             f"(hub unreachable or split missing: {type(exc).__name__}: {exc}); pass data_dir= pointing "
             f"at a folder holding {spec.local_dir}/{split}.jsonl"
