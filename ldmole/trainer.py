@@ -159,7 +159,7 @@ def _epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
     return np.random.default_rng([seed, epoch]).permutation(num_examples).tolist()
 
 
-def _first_nonfinite_modules(model: nn.Module) -> tuple[list[str], list]:
+def _record_nonfinite_modules(model: nn.Module) -> list[str]:
     """Forward hooks (debug only: they sync) recording modules whose output is not finite, in order."""
     seen: list[str] = []
 
@@ -170,8 +170,10 @@ def _first_nonfinite_modules(model: nn.Module) -> tuple[list[str], list]:
                 seen.append(name)
         return check
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
-    return seen, handles
+    for name, module in model.named_modules():
+        if name:
+            module.register_forward_hook(hook(name))
+    return seen
 
 
 def train(config: dict[str, Any]) -> dict[str, Any]:
@@ -319,7 +321,7 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
     # ---- non-finite detection: device-side first-bad-step flags, read only at log/checkpoint/epoch points
     first_bad = torch.full((len(LOSS_TERMS),), -1, dtype=torch.long, device=accelerator.device)
     debug = bool(config["debug_nonfinite"])
-    bad_modules, _ = _first_nonfinite_modules(base) if debug else ([], [])
+    bad_modules = _record_nonfinite_modules(base) if debug else []
 
     def check_finite() -> None:
         flags = accelerator.reduce(first_bad, "max").tolist()
@@ -331,7 +333,7 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
         message = (f"non-finite loss at step {first}: component(s) {sorted(n for n, s in bad.items() if s == first)} "
                    f"became NaN/inf; last good checkpoint: {latest or 'none'} (resume=auto restarts from it). "
                    "Lower lr, enable grad clipping, or rerun with debug_nonfinite=true to find the first bad module")
-        if debug and bad_modules:
+        if bad_modules:
             message += f"; first module with a non-finite output: {bad_modules[0]}"
         raise NonFiniteLossError(message)
 
