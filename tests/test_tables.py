@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from ldmole.tables import (FULL_EVAL_SIZES, PUBLISHED, TASK_COLUMNS, build_tables, collect_runs, format_markdown,
-                           write_tables)
+from ldmole.tables import (FULL_EVAL_SIZES, METHOD_LABELS, PUBLISHED, TASK_COLUMNS, build_tables, collect_runs,
+                           format_markdown, write_tables)
 from tests.conftest import REPO_ROOT
 
 TASKS = [task for task, _ in TASK_COLUMNS]
@@ -42,6 +42,11 @@ def table_rows(markdown: str, model: str) -> dict[str, list[str]]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         rows[cells[0]] = dict(zip(header[1:], cells[1:]))
     return rows
+
+
+def test_every_method_config_has_a_row_label():
+    methods = {p.stem for p in (REPO_ROOT / "configs" / "methods").glob("*.yaml")}
+    assert methods - set(METHOD_LABELS) == set()
 
 
 def test_published_table_matches_paper_averages():
