@@ -340,13 +340,14 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
     # ---- loop
     step = progress_state["step"]
     running: dict[str, torch.Tensor] = {}
-    running_steps = 0
+    running_micro = 0  # micro-batches summed into `running` since the last log line
     progress = tqdm(total=total_steps, initial=step, disable=not main, desc=f"{config['method']} {config['task']}")
     num_epochs = int(config["num_epochs"])
     save_every = int(config.get("save_every") or 0)
     while progress_state["epoch"] <= num_epochs and step < total_steps:
         epoch = progress_state["epoch"]
         loader = epoch_loader(epoch)
+        micro_per_epoch = len(loader)  # per process; the last optimiser step of an epoch may get fewer than `accumulation`
         if progress_state["batches_done"]:
             loader = accelerator.skip_first_batches(loader, progress_state["batches_done"])
         for batch in loader:
@@ -369,9 +370,14 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
                         nonfinite = ~torch.isfinite(terms[name].detach())
                         first_bad[i] = torch.where(nonfinite & (first_bad[i] < 0), step + 1, first_bad[i])
                 loss = sum(terms.values())
-                accelerator.backward(loss)
+                # accelerate divides by `accumulation`; a short last step of the epoch is rescaled so that
+                # its gradient is the mean over the micro-batches it has, like every full step.
+                step_start = progress_state["batches_done"] - progress_state["batches_done"] % accumulation
+                in_step = min(accumulation, micro_per_epoch - step_start)
+                accelerator.backward(loss * (accumulation / in_step) if in_step < accumulation else loss)
                 for name, value in terms.items():
-                    running[name] = running.get(name, 0.0) + value.detach() / accumulation
+                    running[name] = running.get(name, 0.0) + value.detach()
+                running_micro += 1
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable, float(config["grad_clip"]))
                 optimizer.step()
@@ -385,17 +391,16 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
                 continue
             step += 1
             progress_state["step"] = step
-            running_steps += 1
             progress.update(1)
             if debug:
                 check_finite()
             if step % int(config["log_every"]) == 0 or step == total_steps:
                 check_finite()
                 entry = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0]}
-                entry.update({k: float(accelerator.reduce(v, "mean")) / running_steps for k, v in running.items()})
+                entry.update({k: float(accelerator.reduce(v, "mean")) / running_micro for k, v in running.items()})
                 if controller is not None:
                     entry["l1_coef"] = float(controller.coefficient)
-                running, running_steps = {}, 0
+                running, running_micro = {}, 0
                 progress.set_postfix(loss=f"{sum(v for k, v in entry.items() if k in LOSS_TERMS):.4f}")
                 if main:
                     with open(log_path, "a") as handle:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ldmole.checkpointing import latest_checkpoint
 from ldmole.run_config import compose_config
@@ -109,6 +110,28 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     log_two = [json.loads(x) for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines() if '"lr"' in x]
     for a, b in zip(log_one, log_two, strict=True):
         assert b["task"] == pytest.approx(a["task"], rel=1e-4), "same global batch must give the same loss"
+
+
+def test_short_last_step_of_an_epoch_matches_training_without_accumulation(tmp_path):
+    # 10 examples at batch 4: the third step has 2 examples, i.e. one of two micro-batches when
+    # per_device_batch_size=2. Its gradient and its logged loss must still be the mean over its examples.
+    # The load-balance loss is off: it is computed per micro-batch and is not additive over examples.
+    from safetensors.torch import load_file
+
+    base = TINY + ["method=ldmole", "train_max_examples=10", "batch_size=4", "num_epochs=2", "log_every=1",
+                   "mole.dropout=0.0", "lb_coef=0", "eval_max_examples=8"]
+    logs, weights = [], []
+    for per_device in (4, 2):
+        out = tmp_path / f"per_device{per_device}"
+        metrics = train(compose_config(base + [f"per_device_batch_size={per_device}", f"output_dir={out}"]))
+        assert metrics["steps"] == 6
+        logs.append([json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"lr"' in x])
+        weights.append(load_file(str(out / "adapter" / "adapter.safetensors")))
+    for a, b in zip(*logs, strict=True):
+        assert b["task"] == pytest.approx(a["task"], rel=1e-4), f"step {a['step']}: logged task loss differs"
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        assert torch.allclose(weights[1][name], tensor, rtol=1e-3, atol=1e-6), f"{name} differs with accumulation"
 
 
 def test_bf16_autocast_on_cpu_trains_with_finite_losses(tmp_path):
