@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["option_scores", "classification_metrics", "qa_metrics"]
+__all__ = ["option_scores", "classification_metrics", "qa_metrics", "answer_counts"]
 
 
 def option_scores(logits: torch.Tensor, option_token_ids: torch.Tensor, option_mask: torch.Tensor) -> torch.Tensor:
@@ -22,10 +22,23 @@ def option_scores(logits: torch.Tensor, option_token_ids: torch.Tensor, option_m
     return picked.amax(-1).masked_fill(~option_mask, float("-inf"))
 
 
+def answer_counts(predictions: np.ndarray, golds: np.ndarray) -> dict:
+    """How often each class / option index was predicted and is gold, keyed by the index as a string.
+
+    A run whose ``prediction_counts`` has a single key answers the same for every example, which
+    accuracy alone does not show when it equals the majority-class rate.
+    """
+    def count(values: np.ndarray) -> dict[str, int]:
+        keys, counts = np.unique(values, return_counts=True)
+        return {str(int(k)): int(c) for k, c in zip(keys, counts)}
+
+    return {"prediction_counts": count(predictions), "label_counts": count(golds)}
+
+
 def qa_metrics(predictions: np.ndarray, answers: np.ndarray, categories: Optional[Sequence[Optional[str]]] = None) -> dict:
     """Accuracy, and per-category accuracy when categories are given (MMLU-Pro)."""
     correct = predictions == answers
-    metrics = {"accuracy": float(correct.mean()) if len(correct) else float("nan")}
+    metrics = {"accuracy": float(correct.mean()) if len(correct) else float("nan"), **answer_counts(predictions, answers)}
     if categories is not None and any(c is not None for c in categories):
         per_category: dict[str, list[bool]] = {}
         for category, ok in zip(categories, correct):
@@ -38,7 +51,8 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray, task: st
     """Accuracy; Matthews correlation for CoLA, F1 of the positive class for MRPC."""
     from sklearn.metrics import f1_score, matthews_corrcoef
 
-    metrics = {"accuracy": float((predictions == labels).mean()) if len(labels) else float("nan")}
+    metrics = {"accuracy": float((predictions == labels).mean()) if len(labels) else float("nan"),
+               **answer_counts(predictions, labels)}
     if task == "cola":
         metrics["mcc"] = float(matthews_corrcoef(labels, predictions))
     if task == "mrpc":

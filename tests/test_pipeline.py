@@ -78,6 +78,9 @@ def test_task_metrics():
     cola = classification_metrics(np.array([1, 0, 1, 1]), np.array([1, 0, 0, 1]), "cola")
     assert cola["accuracy"] == 0.75 and cola["mcc"] == pytest.approx(0.5773502691896258)
     assert classification_metrics(np.array([1, 0]), np.array([1, 1]), "mrpc")["f1"] == pytest.approx(2 / 3)
+    assert metrics["prediction_counts"] == {"0": 1, "1": 1, "2": 1} and metrics["label_counts"] == {"0": 1, "1": 2}
+    constant = classification_metrics(np.array([0, 0, 0]), np.array([0, 1, 0]), "rte")
+    assert constant["prediction_counts"] == {"0": 3} and constant["label_counts"] == {"0": 2, "1": 1}
 
 
 def test_routing_stats_counts_real_tokens_only():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 
 import numpy as np
@@ -152,6 +153,9 @@ def test_plot_routing_on_a_saved_run_writes_every_figure(tiny_run, plot_routing,
     assert not (tmp_path / "zero_activation_rate.png").exists()
     assert "skip zero_activation_rate.png: router 'sparsegen'" in err
     assert "warning" not in err, f"the rerun should reproduce the run's accuracy on the same examples: {err}"
+    counts = json.loads((tiny_run / "metrics.json").read_text())["prediction_counts"]
+    assert sum(counts.values()) == 16
+    assert "final (adapter/): accuracy" in err and f"predicted answers (class / option index: count) {counts}" in err
 
 
 @needs_data
