@@ -374,7 +374,7 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
                 # its gradient is the mean over the micro-batches it has, like every full step.
                 step_start = progress_state["batches_done"] - progress_state["batches_done"] % accumulation
                 in_step = min(accumulation, micro_per_epoch - step_start)
-                accelerator.backward(loss * (accumulation / in_step) if in_step < accumulation else loss)
+                accelerator.backward(loss * (accumulation / in_step))
                 for name, value in terms.items():
                     running[name] = running.get(name, 0.0) + value.detach()
                 running_micro += 1

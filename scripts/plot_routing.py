@@ -37,7 +37,7 @@ from ldmole import load_mole, routing_records  # noqa: E402
 from ldmole import routing_plots as rp  # noqa: E402
 from ldmole.data import (collate, encode_classification, encode_qa, get_chat_format, load_task,  # noqa: E402
                          pad_token_id_for)
-from ldmole.evaluation import answer_counts, option_scores  # noqa: E402
+from ldmole.evaluation import classification_metrics, option_scores, qa_metrics  # noqa: E402
 from ldmole.models import language_model_parts, load_base_model, load_tokenizer, resolve_model_source  # noqa: E402
 from ldmole.run_config import compose_config  # noqa: E402
 
@@ -79,7 +79,7 @@ def token_frequencies(features: list[dict], vocab_size: int) -> np.ndarray:
 
 @torch.no_grad()
 def collect(model, features: list[dict], kind: str, pad_id: int, batch_size: int, device: torch.device):
-    """Runs ``features`` through ``model``; returns (TokenRouting, accuracy, predicted-answer counts)."""
+    """Runs ``features`` through ``model``; returns (TokenRouting, predicted answers, gold answers)."""
     body, head = language_model_parts(model)
     routing = rp.TokenRouting()
     predictions, golds = [], []
@@ -97,9 +97,7 @@ def collect(model, features: list[dict], kind: str, pad_id: int, batch_size: int
             pred, gold = logits.argmax(-1), batch["label"]
         predictions.append(pred)
         golds.append(gold)
-    pred, gold = torch.cat(predictions).numpy(), torch.cat(golds).numpy()
-    accuracy = float((pred == gold).mean()) if len(pred) else 0.0
-    return routing, accuracy, answer_counts(pred, gold)["prediction_counts"]
+    return routing, torch.cat(predictions).numpy(), torch.cat(golds).numpy()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -172,14 +170,16 @@ def main(argv: list[str]) -> int:
         adapters.insert(0, ("after epoch 1", run_dir / "adapter_epoch1"))
     else:
         print("note: no adapter_epoch1/ in the run; expert_share.png shows the final adapter only", file=sys.stderr)
-    collected, accuracy, predicted = {}, {}, {}
+    collected, accuracy = {}, {}
     for label, adapter in adapters:
         load_mole(model, adapter)
         model.to(device).eval()
-        collected[label], accuracy[label], predicted[label] = collect(model, features, kind, pad_token_id_for(tokenizer),
-                                                                      args.batch_size, device)
+        collected[label], pred, gold = collect(model, features, kind, pad_token_id_for(tokenizer), args.batch_size,
+                                               device)
+        scores = qa_metrics(pred, gold) if kind == "qa" else classification_metrics(pred, gold, config["task"])
+        accuracy[label] = scores["accuracy"]
         print(f"{label} ({adapter.name}/): accuracy {accuracy[label]:.3f} on {len(features)} examples; "
-              f"predicted answers (class / option index: count) {predicted[label]}", file=sys.stderr)
+              f"predicted answers (class / option index: count) {scores['prediction_counts']}", file=sys.stderr)
     routing = collected["final"]
     # On the run's own evaluation examples the rerun must agree (bf16 noise may flip one prediction).
     if metrics.get("num_eval_examples") == len(features) and \

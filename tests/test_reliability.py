@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ldmole.checkpointing import latest_checkpoint
 from ldmole.run_config import compose_config
@@ -116,8 +117,6 @@ def test_short_last_step_of_an_epoch_matches_training_without_accumulation(tmp_p
     # 10 examples at batch 4: the third step has 2 examples, i.e. one of two micro-batches when
     # per_device_batch_size=2. Its gradient and its logged loss must still be the mean over its examples.
     # The load-balance loss is off: it is computed per micro-batch and is not additive over examples.
-    from safetensors.torch import load_file
-
     base = TINY + ["method=ldmole", "train_max_examples=10", "batch_size=4", "num_epochs=2", "log_every=1",
                    "mole.dropout=0.0", "lb_coef=0", "eval_max_examples=8"]
     logs, weights = [], []
