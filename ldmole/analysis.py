@@ -121,6 +121,9 @@ class RoutingStats:
                 "mean": sum(lam_mean[j] for j in lam_rows) / len(lam_rows),
                 "quantiles": _quantiles(total, centers),
                 "per_layer_mean": grouped_mean([(self.modules[j][1], lam_mean[j]) for j in lam_rows]),
+                "per_layer_quantiles": {
+                    str(layer): _quantiles(lambda_hist[[j for j in lam_rows if self.modules[j][1] == layer]].sum(0), centers)
+                    for layer in sorted({self.modules[j][1] for j in lam_rows})},
             }
         return result
 

@@ -7,12 +7,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from .lambda_mlp import LAMBDA_INITS, LAMBDA_INPUT_NORMS
 from .suggest import did_you_mean
 
-__all__ = ["MoLEConfig", "ROUTERS", "LAMBDA_SHARING", "DEFAULT_TARGET_MODULES"]
+__all__ = ["MoLEConfig", "ROUTERS", "LAMBDA_SHARING", "ROUTER_INPUTS", "DEFAULT_TARGET_MODULES"]
 
 ROUTERS = ("sparsegen", "sparsegen_fixed", "topk", "relu", "softmax", "lora")
 LAMBDA_SHARING = ("width", "module", "layer")
+ROUTER_INPUTS = ("x", "dropout")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 ExpertSpec = Union[int, list, str]
@@ -74,8 +76,26 @@ class MoLEConfig:
     lambda_eps: float = field(
         default=0.01, metadata={"help": "λ = logsigmoid(MLP(x)) + 1 - lambda_eps, so λ < 1 - lambda_eps."}
     )
+    lambda_init: str = field(
+        default="live",
+        metadata={"help": "λ-MLP initialisation: live (hidden bias 0, output bias lambda_bias_init: units fire "
+                  "and λ varies per token from the start) or reference (both biases lambda_bias_init, as the "
+                  "authors' release: no hidden unit fires on real inputs, so λ starts as a learned constant)."},
+    )
     lambda_bias_init: float = field(
-        default=-2.5, metadata={"help": "Initial value of every λ-MLP bias (-2.5: λ ≈ -1.59, near-dense start)."}
+        default=-2.5,
+        metadata={"help": "Initial λ-MLP output bias (and hidden bias under lambda_init=reference); -2.5 starts "
+                  "λ near logsigmoid(-2.5) + 1 - lambda_eps = -1.59, a near-dense start."},
+    )
+    lambda_input_norm: str = field(
+        default="none",
+        metadata={"help": "none, or rms: the λ-MLP reads x / RMS(x) (parameter-free), so one MLP shared by "
+                  "all layers sees inputs of one scale."},
+    )
+    router_input: str = field(
+        default="x",
+        metadata={"help": "What the router and λ-MLP read: x (the module input; q/k/v and gate/up then share "
+                  "one λ computation) or dropout (the experts' dropout(x), as the reference release)."},
     )
 
     def __post_init__(self) -> None:
@@ -86,6 +106,11 @@ class MoLEConfig:
                 f"lambda_sharing={self.lambda_sharing!r} is unknown{did_you_mean(self.lambda_sharing, LAMBDA_SHARING)}; "
                 f"choose one of {LAMBDA_SHARING}"
             )
+        for name, choices in (("lambda_init", LAMBDA_INITS), ("lambda_input_norm", LAMBDA_INPUT_NORMS),
+                              ("router_input", ROUTER_INPUTS)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"{name}={value!r} is unknown{did_you_mean(str(value), choices)}; choose one of {choices}")
         if not (0.0 < float(self.lambda_eps) < 1.0):
             raise ValueError(f"lambda_eps={self.lambda_eps} must lie in (0, 1)")
         for name in ("r", "top_k", "lambda_hidden"):

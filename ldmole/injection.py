@@ -141,7 +141,8 @@ def get_mole_model(model: nn.Module, config: MoLEConfig) -> nn.Module:
             key = _lambda_key(config.lambda_sharing, module_type, layer_index, base.in_features)
             if key not in lambda_mlps:
                 lambda_mlps[key] = LambdaMLP(
-                    base.in_features, config.lambda_hidden, config.lambda_eps, config.lambda_bias_init
+                    base.in_features, config.lambda_hidden, config.lambda_eps, init=config.lambda_init,
+                    bias_init=config.lambda_bias_init, input_norm=config.lambda_input_norm,
                 ).to(base.weight.device).train(base.training)
                 context.lambda_mlps.append(lambda_mlps[key])
             lambda_mlp = lambda_mlps[key]
@@ -149,6 +150,7 @@ def get_mole_model(model: nn.Module, config: MoLEConfig) -> nn.Module:
             base, num_experts=counts[layer_index], r=config.r, alpha=config.alpha, dropout=config.dropout,
             router=config.router, top_k=config.top_k, lambda_mlp=lambda_mlp,
             fixed_lambda=config.fixed_lambda, name=name, layer_index=layer_index,
+            router_input=config.router_input,
         )
         layer.routing_context = context
         layer.train(base.training)  # new modules start in training mode; keep the model's mode

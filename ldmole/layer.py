@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ROUTER_INPUTS
 from .lambda_mlp import LambdaMLP
 from .records import RoutingContext, RoutingRecord
 from .routing import route
@@ -22,7 +23,8 @@ class MoLELinear(nn.Module):
     The experts run as one rank-(E·r) LoRA whose hidden units are scaled by the routing weights:
     h = A_cat dropout(x) ([..., E·r]), h_e *= p_e, out += (alpha/r) B_cat h. No [tokens, E, d_out]
     tensor is ever built. Router scores, routing and λ are computed in float32 (also under
-    autocast) from the module input x; the experts see dropout(x). Routing uses no host sync.
+    autocast) from the module input x (or dropout(x), ``router_input``); the experts see dropout(x).
+    Routing uses no host sync.
 
     Args:
         base_layer: the frozen ``nn.Linear`` (d_in -> d_out) being adapted.
@@ -36,6 +38,8 @@ class MoLELinear(nn.Module):
             (registered once, not under every layer) so this layer only holds a reference.
         fixed_lambda: λ for ``router="sparsegen_fixed"``.
         name, layer_index: identify the layer in routing records.
+        router_input: ``"x"`` (router and λ-MLP read the module input) or ``"dropout"`` (they read
+            the experts' dropout(x), as the reference release; identical at evaluation).
 
     Parameters: ``lora_A [E, r, d_in]`` (kaiming-uniform per expert), ``lora_B [E, d_out, r]`` (zero,
     so the model starts as the base model), ``router`` = ``nn.Linear(d_in, E, bias=False)`` (None for
@@ -55,12 +59,15 @@ class MoLELinear(nn.Module):
         fixed_lambda: Optional[float] = None,
         name: str = "",
         layer_index: int = 0,
+        router_input: str = "x",
     ) -> None:
         super().__init__()
         if router == "sparsegen" and lambda_mlp is None:
             raise ValueError("router='sparsegen' needs a lambda_mlp")
         if router == "sparsegen_fixed" and (fixed_lambda is None or not fixed_lambda < 1):
             raise ValueError(f"router='sparsegen_fixed' needs fixed_lambda < 1, got {fixed_lambda!r}")
+        if router_input not in ROUTER_INPUTS:
+            raise ValueError(f"router_input={router_input!r}: choose one of {ROUTER_INPUTS}")
         if router == "lora" and num_experts != 1:
             raise ValueError(f"router='lora' is one expert, got num_experts={num_experts}")
         if router == "topk" and top_k > num_experts:
@@ -74,6 +81,7 @@ class MoLELinear(nn.Module):
         self.router_kind = router
         self.top_k = top_k
         self.fixed_lambda = fixed_lambda
+        self.router_input = router_input
         self.name = name
         self.layer_index = layer_index
         self.module_type = name.rsplit(".", 1)[-1] if name else "linear"
@@ -133,7 +141,7 @@ class MoLELinear(nn.Module):
             hidden = F.linear(x_drop, lora_A[0])
             b_cat = lora_B[0]
         else:
-            weights = self._route(x)
+            weights = self._route(x_drop if self.router_input == "dropout" else x)
             hidden = F.linear(x_drop, lora_A.reshape(self.num_experts * self.r, self.in_features))
             hidden = hidden.unflatten(-1, (self.num_experts, self.r)) * weights.unsqueeze(-1).to(hidden.dtype)
             hidden = hidden.flatten(-2)

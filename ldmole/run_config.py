@@ -15,7 +15,7 @@ __all__ = ["CONFIG_DIR", "compose_config", "parse_overrides", "available", "mole
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 # Keys that model / task / method files may set on top of defaults.yaml.
 FILE_KEYS = {
-    "models": ("model_source", "chat_format", "torch_dtype", "random_init", "tokenizer", "num_epochs"),
+    "models": ("model_source", "chat_format", "torch_dtype", "random_init", "tokenizer", "num_epochs", "mole"),
     "tasks": ("task_name",),
     "methods": ("mole", "lb_coef", "sparsity_coef", "sparsity_k", "z_coef", "remole_initial_coef", "remole_rate"),
 }
@@ -73,7 +73,8 @@ def compose_config(overrides: Sequence[str] | dict[str, Any] = (), config_dir: P
         for key in layer:
             if key not in FILE_KEYS[kind]:
                 raise ValueError(f"{config_dir / kind / name}.yaml sets {key!r}, which a {kind[:-1]} file may not set")
-        config.update(layer)
+        mole = {**(config.get("mole") or {}), **(layer.pop("mole", None) or {})}  # mole.* keys merge across files
+        config.update(layer, mole=mole)
         config[selector] = name
 
     config["mole"] = dict(config.get("mole") or {})

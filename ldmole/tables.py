@@ -37,7 +37,8 @@ TASKS = [task for task, _ in TASK_COLUMNS]
 # Method config name -> row label; the paper's four first, in its order, then our extra baselines.
 METHOD_LABELS: dict[str, str] = {
     "mola_8888": "MoLA 8888", "mola_2468": "MoLA 2468", "remole": "ReMoLE", "ldmole": "LD-MoLE",
-    "ldmole_sparse_k2": "LD-MoLE + sparsity (k=2)", "softmax": "MoLE (softmax)",
+    "ldmole_sparse_k2": "LD-MoLE + sparsity (k=2)", "ldmole_reference": "LD-MoLE (reference init)",
+    "softmax": "MoLE (softmax)",
     "sparsegen_fixed": "Sparsegen (fixed λ)", "lora": "LoRA",
 }
 

@@ -11,7 +11,7 @@ Usage (from the repo root):
 Variants, for every projection shape d_in x d_out (all share one frozen base ``nn.Linear``):
 
 - ``ldmole <router>``: ``ldmole.MoLELinear`` with router sparsegen (its own ``ldmole.LambdaMLP(d_in,
-  --lambda-hidden)``, biases 0 rather than -2.5 so that λ varies per token: same cost), sparsegen_fixed (λ = --fixed-lambda), topk (k = --top-k), relu, softmax.
+  --lambda-hidden)``, live initialisation so that λ varies per token), sparsegen_fixed (λ = --fixed-lambda), topk (k = --top-k), relu, softmax.
 - ``ldmole lora (rank E·r)``: ``MoLELinear(router="lora", num_experts=1, r=E·r)``.
 - ``dense-einsum <router>``: :class:`DenseEinsumMoLE`, the reference release's formulation written
   from its description: A [E, r, d_in] and B [E, d_out, r] stacked, dropout(x) expanded to
@@ -218,16 +218,8 @@ def dense_name(router: str) -> str:
 
 
 def make_lambda_mlp(d_in: int, args: argparse.Namespace, device: torch.device) -> LambdaMLP:
-    """``LambdaMLP(d_in, --lambda-hidden)`` with both biases set to 0 instead of -2.5.
-
-    With the -2.5 init nearly every hidden ReLU is off for random inputs, so λ would be constant and
-    its gradient zero: the equivalence check could not see the λ path. The cost is the same.
-    """
-    mlp = LambdaMLP(d_in, args.lambda_hidden).to(device)
-    with torch.no_grad():
-        mlp.fc1.bias.zero_()
-        mlp.fc2.bias.zero_()
-    return mlp
+    """``LambdaMLP(d_in, --lambda-hidden)`` with the default live initialisation (λ varies per token)."""
+    return LambdaMLP(d_in, args.lambda_hidden).to(device)
 
 
 def build_ldmole(base: nn.Linear, router: str, args: argparse.Namespace) -> Variant:

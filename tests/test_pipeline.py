@@ -96,6 +96,8 @@ def test_routing_stats_counts_real_tokens_only():
     assert summary["zero_activation_rate"] == pytest.approx(0.5)
     assert summary["per_layer"]["1"]["avg_active_experts"] == pytest.approx(1.0)
     assert summary["lambda"]["mean"] == pytest.approx(-0.1)
+    assert summary["lambda"]["per_layer_quantiles"]["1"]["q05"] == pytest.approx(-0.4, abs=0.006)  # a 0.01-wide bin
+    assert summary["lambda"]["per_layer_quantiles"]["1"]["q95"] == pytest.approx(0.2, abs=0.006)
     assert summary["per_module"]["model.layers.1.mlp.up_proj"]["expert_share"] == pytest.approx([0.5, 0.5, 0.0])
 
 
