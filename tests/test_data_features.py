@@ -341,3 +341,22 @@ def test_collated_real_features_score_at_the_position_before_the_letter(tokenize
     gold = batch["option_token_ids"][rows, batch["answer"], 0]
     assert letters.tolist() == gold.tolist()
     assert tokenizer.decode(letters.tolist()) == "CE"
+
+
+# ---- model files ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model, source, chat_format", [
+    ("llama3.2_1b", "meta-llama/Llama-3.2-1B", "reference_llama3"),
+    ("llama3.2_3b", "meta-llama/Llama-3.2-3B", "reference_llama3"),
+    ("llama3.1_8b", "meta-llama/Llama-3.1-8B", "reference_llama3"),
+    ("qwen3_0.6b", "Qwen/Qwen3-0.6B", "qwen3"),
+    ("qwen3_1.7b", "Qwen/Qwen3-1.7B", "qwen3"),
+    ("smollm2_135m", "offline:smollm2_135m", "smollm2"),
+])
+def test_model_files_pick_the_format_of_their_checkpoint(model, source, chat_format):
+    import yaml
+
+    config = yaml.safe_load((REPO_ROOT / "configs" / "models" / f"{model}.yaml").read_text())
+    assert (config["model_source"], config["chat_format"]) == (source, chat_format)
+    get_chat_format(config["chat_format"])
