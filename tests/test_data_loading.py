@@ -159,6 +159,17 @@ def test_synthetic_swag_file_loads_under_both_protocols(tmp_path):
     assert len(reference.train) == 40 and reference.selection is reference.evaluation
 
 
+def test_mmlu_pro_training_prompts_drop_the_category_and_held_out_prompts_keep_it(tmp_path):
+    rows = [{"question": f"Q{i}?", "options": ["a", "b", "c"], "answer_index": i % 3, "category": "computer_science"}
+            for i in range(30)]
+    write_jsonl(tmp_path / "mmlu_pro" / "test.jsonl", rows)
+    for protocol in ("selection", "reference"):
+        data = load_task("mmlu_pro", tmp_path, protocol=protocol)
+        assert all(e.prompt.startswith("Below is a multiple-choice question. Please") for e in data.train)
+        held_out = data.selection + data.evaluation
+        assert all(e.prompt.startswith("Below is a multiple-choice question about computer science.") for e in held_out)
+
+
 def test_selection_carve_is_deterministic_and_seed_dependent(tmp_path):
     write_jsonl(tmp_path / "swag" / "train.jsonl", SWAG_ROWS)
     write_jsonl(tmp_path / "swag" / "validation.jsonl", SWAG_ROWS[:4])

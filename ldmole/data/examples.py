@@ -1,31 +1,34 @@
 """Raw rows -> `Example`: the prompt text (no chat tokens) and the gold answer of each task.
 
-All multiple-choice tasks share one layout, the reference release's wording per task with the
-PAPER.md §4 spacing (options, one blank line, then ``Answer: ``)::
+Every prompt is the reference release's text, character for character (tests pin each one).
+All multiple-choice tasks share one layout::
 
     {instruction}
     {stem}
     Options:
     A. {option 0}
     B. {option 1}
-
+    (blank line: ARC-C, ARC-E, CSQA, OBQA only)
     Answer: (trailing space)
 
-Instructions and stems (whitespace at both ends of every field is stripped):
+Instructions and stems (whitespace at both ends of every field is stripped; the reference keeps
+it, which changes about 1% of MMLU-Pro's fields and no field of the other local data sets):
 
 - ARC-C, ARC-E, CSQA: "Below is a multiple-choice question. Please choose the correct answer." /
-  the question.
-- OBQA: the same instruction / "Question: " + question_stem (as the reference release).
+  the question; a blank line before "Answer: ".
+- OBQA: the same instruction / "Question: " + question_stem; a blank line before "Answer: ".
 - MMLU-Pro: "Below is a multiple-choice question about {category}. Please choose the correct
-  answer." with the category lower-cased and ``_`` turned into spaces, for every split. (The
-  reference release drops "about {category}" from its training prompts only, so train and eval
-  prompts differ there; and it puts no blank line before "Answer: ".)
+  answer." with the category lower-cased and ``_`` turned into spaces, in selection and evaluation
+  prompts; training prompts (``training=True``) say only "Below is a multiple-choice question.",
+  as the reference's. No blank line.
 - HellaSwag: "Choose the most plausible ending for the following context:" / "Context: " + ctx.
+  No blank line.
 - SWAG: "Choose the sentence that best completes the start phrase below:" /
-  "start phrase: " + sent1 + " " + sent2 (HF's ``startphrase``), endings ending0..ending3.
+  "start phrase: " + sent1 + " " + sent2 (HF's ``startphrase``), endings ending0..ending3. No
+  blank line.
 
-GLUE inputs are labelled lines: CoLA "Sentence: {sentence}"; RTE and MRPC
-"Sentence 1: {sentence1}\\nSentence 2: {sentence2}".
+GLUE examples keep their raw sentences (CoLA one, RTE and MRPC two); how they are joined depends
+on the chat format (see `labelled_sentences` and ``ChatFormat.sentence_separator``).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from .tasks import TaskSpec
 
 __all__ = [
     "Example", "MalformedRowError", "LETTERS", "MAX_OPTIONS",
-    "multiple_choice_prompt", "convert_row", "rows_to_examples",
+    "multiple_choice_prompt", "labelled_sentences", "convert_row", "rows_to_examples",
 ]
 
 LETTERS = ("A", "B", "C", "D", "E", "F", "G", "H", "I", "J")
@@ -51,7 +54,8 @@ CHOOSE_ANSWER = "Please choose the correct answer."
 class Example:
     """One task item. QA: ``prompt`` (user text, no chat tokens), ``options`` (the letters used,
     "A".."J"), ``answer`` (index into options), ``category`` (MMLU-Pro only). Classification:
-    ``text`` (the formatted input) and ``label``. ``uid`` is "<task>/<split>/<row number>".
+    ``sentences`` (the raw input sentences, one or two) and ``label``. ``uid`` is
+    "<task>/<split>/<row number>".
     """
 
     uid: str
@@ -59,7 +63,7 @@ class Example:
     options: Optional[list[str]] = None
     answer: Optional[int] = None
     category: Optional[str] = None
-    text: Optional[str] = None
+    sentences: Optional[tuple[str, ...]] = None
     label: Optional[int] = None
 
 
@@ -76,11 +80,22 @@ class _FieldProblem(Exception):
         self.problem = problem
 
 
-def multiple_choice_prompt(instruction: str, stem: str, options: Sequence[str]) -> str:
-    """The shared QA layout: instruction, stem, lettered options, blank line, 'Answer: '."""
+def multiple_choice_prompt(instruction: str, stem: str, options: Sequence[str], blank_line: bool) -> str:
+    """The shared QA layout: instruction, stem, lettered options, an optional blank line, 'Answer: '."""
     lines = [instruction, stem, "Options:"]
     lines += [f"{letter}. {option}" for letter, option in zip(LETTERS, options)]
-    return "\n".join(lines) + "\n\nAnswer: "
+    return "\n".join(lines) + ("\n\n" if blank_line else "\n") + "Answer: "
+
+
+def labelled_sentences(sentences: Sequence[str]) -> str:
+    """A GLUE input as the user text of a chat turn: "Sentence: s", or "Sentence 1: s1\\nSentence 2: s2".
+
+    The reference release has no text here (it joins raw sentences with a separator token, see
+    ``ChatFormat.sentence_separator``); a chat turn needs plain text that tells the two apart.
+    """
+    if len(sentences) == 1:
+        return f"Sentence: {sentences[0]}"
+    return "\n".join(f"Sentence {number}: {sentence}" for number, sentence in enumerate(sentences, start=1))
 
 
 def _value(row: Mapping[str, Any], field: str) -> Any:
@@ -129,11 +144,11 @@ def _class_index(row: Mapping[str, Any], field: str, count: int) -> int:
     return value
 
 
-def _qa_example(uid: str, instruction: str, stem: str, options: list[str], answer: int,
+def _qa_example(uid: str, instruction: str, stem: str, options: list[str], answer: int, blank_line: bool,
                 category: Optional[str] = None) -> Example:
     """A QA Example in the shared layout."""
     return Example(
-        uid=uid, prompt=multiple_choice_prompt(instruction, stem, options),
+        uid=uid, prompt=multiple_choice_prompt(instruction, stem, options, blank_line),
         options=list(LETTERS[: len(options)]), answer=answer, category=category,
     )
 
@@ -145,7 +160,7 @@ def _labelled_choices_converter(question_field: str, stem_prefix: str) -> Callab
     ("1".."5") map to letters by position; options are always lettered A, B, C, ...
     """
 
-    def convert(row: Mapping[str, Any], spec: TaskSpec, uid: str) -> Example:
+    def convert(row: Mapping[str, Any], spec: TaskSpec, uid: str, training: bool) -> Example:
         question = _text(row, question_field)
         choices = _value(row, "choices")
         if not isinstance(choices, Mapping):
@@ -159,57 +174,58 @@ def _labelled_choices_converter(question_field: str, stem_prefix: str) -> Callab
         if key not in labels:
             raise _FieldProblem("answerKey", f"{key!r} is not one of the choice labels {labels}")
         return _qa_example(uid, f"Below is a multiple-choice question. {CHOOSE_ANSWER}",
-                           stem_prefix + question, options, labels.index(key))
+                           stem_prefix + question, options, labels.index(key), blank_line=True)
 
     return convert
 
 
-def _mmlu_pro(row: Mapping[str, Any], spec: TaskSpec, uid: str) -> Example:
+def _mmlu_pro(row: Mapping[str, Any], spec: TaskSpec, uid: str, training: bool) -> Example:
     """MMLU-Pro: ``question``, ``options`` (up to 10), ``answer_index``, ``category``.
 
     The gold answer is ``answer_index``, what the reference release scores against; the ``answer``
     letter is not read (it disagrees with ``answer_index`` in one test row, question_id 3983).
+    Training prompts leave the category out of the instruction, as the reference's do.
     """
     question = _text(row, "question")
     options = _option_texts(_value(row, "options"), "options")
     answer = _class_index(row, "answer_index", len(options))
     category = _text(row, "category")
-    subject = category.replace("_", " ").lower()
-    return _qa_example(uid, f"Below is a multiple-choice question about {subject}. {CHOOSE_ANSWER}",
-                       question, options, answer, category=category)
+    about = "" if training else f" about {category.replace('_', ' ').lower()}"
+    return _qa_example(uid, f"Below is a multiple-choice question{about}. {CHOOSE_ANSWER}",
+                       question, options, answer, blank_line=False, category=category)
 
 
-def _hellaswag(row: Mapping[str, Any], spec: TaskSpec, uid: str) -> Example:
+def _hellaswag(row: Mapping[str, Any], spec: TaskSpec, uid: str, training: bool) -> Example:
     """HellaSwag: ``ctx``, ``endings``, ``label`` (int or digit string)."""
     context = _text(row, "ctx")
     options = _option_texts(_value(row, "endings"), "endings")
     answer = _class_index(row, "label", len(options))
     return _qa_example(uid, "Choose the most plausible ending for the following context:",
-                       f"Context: {context}", options, answer)
+                       f"Context: {context}", options, answer, blank_line=False)
 
 
-def _swag(row: Mapping[str, Any], spec: TaskSpec, uid: str) -> Example:
+def _swag(row: Mapping[str, Any], spec: TaskSpec, uid: str, training: bool) -> Example:
     """SWAG (HF allenai/swag regular): ``sent1``, ``sent2``, ``ending0..ending3``, ``label``."""
     start = " ".join(part for part in (_text(row, "sent1"), _text(row, "sent2", allow_empty=True)) if part)
     endings = [_text(row, f"ending{position}") for position in range(4)]
     answer = _class_index(row, "label", len(endings))
     return _qa_example(uid, "Choose the sentence that best completes the start phrase below:",
-                       f"start phrase: {start}", endings, answer)
+                       f"start phrase: {start}", endings, answer, blank_line=False)
 
 
-def _single_sentence(row: Mapping[str, Any], spec: TaskSpec, uid: str) -> Example:
+def _single_sentence(row: Mapping[str, Any], spec: TaskSpec, uid: str, training: bool) -> Example:
     """CoLA: ``sentence``, ``label``."""
-    text = f"Sentence: {_text(row, 'sentence')}"
-    return Example(uid=uid, text=text, label=_class_index(row, "label", spec.num_labels or 0))
+    sentences = (_text(row, "sentence"),)
+    return Example(uid=uid, sentences=sentences, label=_class_index(row, "label", spec.num_labels or 0))
 
 
-def _sentence_pair(row: Mapping[str, Any], spec: TaskSpec, uid: str) -> Example:
+def _sentence_pair(row: Mapping[str, Any], spec: TaskSpec, uid: str, training: bool) -> Example:
     """RTE / MRPC: ``sentence1``, ``sentence2``, ``label``."""
-    text = f"Sentence 1: {_text(row, 'sentence1')}\nSentence 2: {_text(row, 'sentence2')}"
-    return Example(uid=uid, text=text, label=_class_index(row, "label", spec.num_labels or 0))
+    sentences = (_text(row, "sentence1"), _text(row, "sentence2"))
+    return Example(uid=uid, sentences=sentences, label=_class_index(row, "label", spec.num_labels or 0))
 
 
-_CONVERTERS: dict[str, Callable[[Mapping[str, Any], TaskSpec, str], Example]] = {
+_CONVERTERS: dict[str, Callable[[Mapping[str, Any], TaskSpec, str, bool], Example]] = {
     "arc_c": _labelled_choices_converter("question", ""),
     "arc_e": _labelled_choices_converter("question", ""),
     "csqa": _labelled_choices_converter("question", ""),
@@ -223,12 +239,13 @@ _CONVERTERS: dict[str, Callable[[Mapping[str, Any], TaskSpec, str], Example]] = 
 }
 
 
-def convert_row(spec: TaskSpec, row: Mapping[str, Any], uid: str, origin: str) -> Example:
-    """One row as an Example; a MalformedRowError names ``origin`` (file and line) and the field."""
+def convert_row(spec: TaskSpec, row: Mapping[str, Any], uid: str, origin: str, training: bool = False) -> Example:
+    """One row as an Example (``training``: a training prompt, which differs for MMLU-Pro); a
+    MalformedRowError names ``origin`` (file and line) and the field."""
     if spec.name not in _CONVERTERS:
         raise ValueError(f"task {spec.name!r} has no row converter; known: {', '.join(_CONVERTERS)}")
     try:
-        return _CONVERTERS[spec.name](row, spec, uid)
+        return _CONVERTERS[spec.name](row, spec, uid, training)
     except _FieldProblem as problem:
         raise MalformedRowError(
             f"{origin}: field {problem.field!r}: {problem.problem} (task {spec.name!r}; "
@@ -237,16 +254,18 @@ def convert_row(spec: TaskSpec, row: Mapping[str, Any], uid: str, origin: str) -
 
 
 def rows_to_examples(
-    spec: TaskSpec, rows: Sequence[Mapping[str, Any]], split: str, skip_bad_rows: bool = False
+    spec: TaskSpec, rows: Sequence[Mapping[str, Any]], split: str, skip_bad_rows: bool = False,
+    training: bool = False,
 ) -> tuple[list[Example], int]:
     """Examples of one split and how many malformed rows were skipped (always 0 unless
-    ``skip_bad_rows``, in which case malformed rows are dropped instead of raising)."""
+    ``skip_bad_rows``, in which case malformed rows are dropped instead of raising). ``training``
+    marks the rows trained on (their prompts may differ, see `convert_row`)."""
     examples, skipped = [], 0
     for position, row in enumerate(rows, start=1):
         number = row.number if isinstance(row, SourceRow) else position
         origin = row.origin if isinstance(row, SourceRow) else f"task {spec.name} split {split} row {position}"
         try:
-            examples.append(convert_row(spec, row, f"{spec.name}/{split}/{number}", origin))
+            examples.append(convert_row(spec, row, f"{spec.name}/{split}/{number}", origin, training))
         except MalformedRowError:
             if not skip_bad_rows:
                 raise

@@ -1,10 +1,17 @@
 """Examples -> token ids (prompt, supervised answer, option-letter candidates) and padded batches.
 
 A QA sequence is ``[tokenizer's own leading specials] + prefix + prompt + suffix + letter +
-answer_end`` (the prompt trimmed for chat formats, see `ChatFormat.user_text`). Each piece is tokenized on its own (``add_special_tokens=False``), so the prompt
-boundary is exact; for the chat formats this equals tokenizing the joined string, because every
-boundary is a special token or a newline. The leading specials are whatever the tokenizer adds in
-front with ``add_special_tokens=True`` (Llama-3: <|begin_of_text|>, Qwen3: nothing).
+answer_end`` (the prompt trimmed for chat formats, see `ChatFormat.user_text`). Each piece is
+tokenized on its own (``add_special_tokens=False``), so the prompt boundary is exact; this equals
+tokenizing the joined string, because every boundary is a special token or a newline, and for the
+reference formats it is exactly the reference release's tokenization (prompt and target tokenized
+as a pair without special tokens). The leading specials are whatever the tokenizer adds in front
+with ``add_special_tokens=True`` (Llama-3: <|begin_of_text|>, Qwen3 and SmolLM2: nothing); formats
+with ``tokenizer_bos=False`` (the reference formats, whose prefix is the start token) skip them.
+
+A classification sequence is the same wrapper around `labelled_sentences`, or for formats with a
+``sentence_separator`` the reference's ``sentence1 [+ separator + sentence2] + answer_end`` with
+no start token.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 import torch
 
 from .chat import ChatFormat
-from .examples import Example
+from .examples import Example, labelled_sentences
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -70,18 +77,30 @@ def _ids(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False) if text else []
 
 
+def _head(tokenizer: "PreTrainedTokenizerBase", chat_format: ChatFormat) -> list[int]:
+    """Ids in front of the user text: the tokenizer's leading specials (unless the format spells
+    its own start token) and the format's prefix."""
+    leading = list(_leading_special_ids(tokenizer)) if chat_format.tokenizer_bos else []
+    return leading + _ids(tokenizer, chat_format.prefix)
+
+
+def _special_id(tokenizer: "PreTrainedTokenizerBase", chat_format: ChatFormat, text: str, role: str) -> int:
+    """The id of ``text``, which must be one token of this tokenizer (a special token)."""
+    ids = _ids(tokenizer, text)
+    if len(ids) != 1:
+        raise ValueError(
+            f"chat format {chat_format.name!r} does not fit this tokenizer: its {role} {text!r} is "
+            f"{len(ids)} tokens, not one special token; set chat_format= to the format of this model family"
+        )
+    return ids[0]
+
+
 def _end_token_id(tokenizer: "PreTrainedTokenizerBase", chat_format: ChatFormat) -> int:
     """The single token that closes the answer: the format's ``answer_end`` or the tokenizer eos."""
     text = chat_format.answer_end if chat_format.answer_end is not None else tokenizer.eos_token
     if text is None:
         raise ValueError(f"chat format {chat_format.name!r} ends answers with eos, but the tokenizer has no eos_token")
-    ids = _ids(tokenizer, text)
-    if len(ids) != 1:
-        raise ValueError(
-            f"chat format {chat_format.name!r} does not fit this tokenizer: its end marker {text!r} "
-            f"is {len(ids)} tokens, not one special token; pick the chat format of this model family"
-        )
-    return ids[0]
+    return _special_id(tokenizer, chat_format, text, "end marker")
 
 
 def _fit_body(uid: str, body: list[int], other_length: int, max_length: int, truncate: bool) -> list[int]:
@@ -121,7 +140,7 @@ def encode_qa(
     if example.prompt is None or example.options is None or example.answer is None:
         raise ValueError(f"example {example.uid} is not a QA example (no prompt/options/answer)")
     options = letter_token_ids(tokenizer, example.options)
-    head = list(_leading_special_ids(tokenizer)) + _ids(tokenizer, chat_format.prefix)
+    head = _head(tokenizer, chat_format)
     tail = _ids(tokenizer, chat_format.suffix)
     answer_ids = [options[example.options[example.answer]][0], _end_token_id(tokenizer, chat_format)]
     body = _fit_body(
@@ -148,15 +167,27 @@ def encode_classification(
 ) -> dict[str, Any]:
     """Token features of one classification example: ``input_ids``, ``label``, ``uid``.
 
-    The sequence is prefix + text + suffix, so the last token (read by the classification head)
-    is always the fixed end of the chat suffix; the plain format, whose suffix is empty, ends with
-    eos instead. Truncation works as in `encode_qa`.
+    Chat formats: prefix + labelled sentences + suffix, so the last token (read by the
+    classification head) is always the fixed end of the chat suffix; the plain format, whose
+    suffix is empty, ends with eos instead. Formats with a ``sentence_separator`` (the reference's
+    layout): sentence1 [+ separator + sentence2] + ``answer_end``, no start token. Truncation works
+    as in `encode_qa` (for a pair it cuts from the start of sentence 1 and may reach the separator).
     """
-    if example.text is None or example.label is None:
-        raise ValueError(f"example {example.uid} is not a classification example (no text/label)")
-    head = list(_leading_special_ids(tokenizer)) + _ids(tokenizer, chat_format.prefix)
-    tail = _ids(tokenizer, chat_format.suffix) or [_end_token_id(tokenizer, chat_format)]
-    body = _fit_body(example.uid, _ids(tokenizer, chat_format.user_text(example.text)), len(head) + len(tail), max_length, truncate)
+    if example.sentences is None or example.label is None:
+        raise ValueError(f"example {example.uid} is not a classification example (no sentences/label)")
+    end = [_end_token_id(tokenizer, chat_format)]
+    if chat_format.sentence_separator is not None:
+        separator = [_special_id(tokenizer, chat_format, chat_format.sentence_separator, "sentence separator")]
+        head: list[int] = []
+        text_ids = _ids(tokenizer, example.sentences[0])
+        for sentence in example.sentences[1:]:
+            text_ids += separator + _ids(tokenizer, sentence)
+        tail = end
+    else:
+        head = _head(tokenizer, chat_format)
+        text_ids = _ids(tokenizer, chat_format.user_text(labelled_sentences(example.sentences)))
+        tail = _ids(tokenizer, chat_format.suffix) or end
+    body = _fit_body(example.uid, text_ids, len(head) + len(tail), max_length, truncate)
     return {"input_ids": head + body + tail, "label": example.label, "uid": example.uid}
 
 

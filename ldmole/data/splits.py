@@ -110,7 +110,7 @@ def load_task(
     train_rows, selection_rows, evaluation_rows = _split_rows(
         spec, data_dir, protocol, selection_size, seed, eval_only
     )
-    train, train_skipped = rows_to_examples(spec, train_rows, spec.train_split, skip_bad_rows)
+    train, train_skipped = rows_to_examples(spec, train_rows, spec.train_split, skip_bad_rows, training=True)
     evaluation, evaluation_skipped = rows_to_examples(spec, evaluation_rows, spec.eval_split, skip_bad_rows)
     if selection_rows is evaluation_rows:
         selection, selection_skipped = evaluation, evaluation_skipped
