@@ -8,6 +8,7 @@ from .layer import MoLELinear
 from .losses import (
     ReMoLEL1Controller,
     active_expert_fraction,
+    balanced_l1_penalty,
     l1_penalty,
     load_balance_loss,
     router_z_loss,
@@ -21,5 +22,5 @@ __all__ = [
     "MoLEConfig", "MoLELinear", "LambdaMLP", "get_mole_model", "mole_layers", "mole_parameters",
     "mole_config_of", "save_mole", "load_mole", "sparsegen", "lambda_bounds", "route", "topk_weights",
     "RoutingRecord", "routing_records", "load_balance_loss", "sparsity_loss", "router_z_loss",
-    "l1_penalty", "active_expert_fraction", "ReMoLEL1Controller",
+    "l1_penalty", "balanced_l1_penalty", "active_expert_fraction", "ReMoLEL1Controller",
 ]

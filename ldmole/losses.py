@@ -6,7 +6,7 @@ and averaged over modules. None of them syncs with the host.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -15,9 +15,14 @@ from .routing import DENSE_ROUTERS
 from .sparsegen import lambda_bounds
 
 __all__ = [
-    "load_balance_loss", "sparsity_loss", "router_z_loss", "l1_penalty", "ReMoLEL1Controller",
-    "active_expert_fraction",
+    "load_balance_loss", "sparsity_loss", "router_z_loss", "l1_penalty", "balanced_l1_penalty",
+    "ReMoLEL1Controller", "active_expert_fraction", "LB_PROBS", "REMOLE_L1_FORMS",
 ]
+
+# Where the load balance's P comes from (run-config key lb_probs); see load_balance_loss.
+LB_PROBS = ("weights", "softmax")
+# ReMoLE's L1 term (run-config key remole_l1): ReMoE's load-balanced L1, or the plain L1.
+REMOLE_L1_FORMS = ("balanced", "plain")
 
 
 def _flat(record: RoutingRecord, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,15 +41,19 @@ def _mean_over(values: Sequence[torch.Tensor], like: Sequence[RoutingRecord]) ->
     return torch.stack(values).mean()
 
 
-def load_balance_loss(records: Sequence[RoutingRecord], dense_top_k: int = 1) -> torch.Tensor:
+def load_balance_loss(records: Sequence[RoutingRecord], dense_top_k: int = 1, probs: str = "weights") -> torch.Tensor:
     """L_lb = E Σ_i f_i P_i per module, averaged over modules (PAPER.md §3).
 
-    P_i is the mean routing weight of expert i over real tokens (carries the gradient); f_i is the
-    share of all (token, expert) activations that go to expert i (no gradient). For dense routers
-    (softmax) every expert is always active, which makes the loss identically 1: there f_i comes
-    from each token's ``dense_top_k`` highest-weight experts instead (the Switch form).
-    Records without a router (plain LoRA) are skipped.
+    P_i is the mean over real tokens of expert i's routing weight (carries the gradient); with
+    ``probs="softmax"`` top-k records take it from the full softmax of the scores instead of the
+    renormalised top-k weights (MoLA's own form; other routers are unaffected). f_i is the share of
+    all (token, expert) activations that go to expert i (no gradient). For dense routers (softmax)
+    every expert is always active, which makes the loss identically 1: there f_i comes from each
+    token's ``dense_top_k`` highest-weight experts instead (the Switch form). Records without a
+    router (plain LoRA) are skipped.
     """
+    if probs not in LB_PROBS:
+        raise ValueError(f"lb_probs={probs!r} is unknown; choose one of {LB_PROBS}")
     losses = []
     for record in records:
         weights, mask = _flat(record, record.weights)
@@ -52,7 +61,10 @@ def load_balance_loss(records: Sequence[RoutingRecord], dense_top_k: int = 1) ->
         if num_experts < 2:
             continue
         token_count = mask.sum().clamp_min(1.0)
-        mean_weight = (weights * mask[:, None]).sum(0) / token_count
+        p = weights
+        if probs == "softmax" and record.router == "topk":
+            p, _ = _flat(record, torch.softmax(record.scores, dim=-1))
+        mean_weight = (p * mask[:, None]).sum(0) / token_count
         with torch.no_grad():
             if record.router in DENSE_ROUTERS:
                 top = weights.topk(min(dense_top_k, num_experts), dim=-1).indices
@@ -102,7 +114,7 @@ def router_z_loss(records: Sequence[RoutingRecord]) -> torch.Tensor:
 
 
 def l1_penalty(records: Sequence[RoutingRecord]) -> torch.Tensor:
-    """ReMoLE's L1 term: mean over real tokens of Σ_e p_e, averaged over ReLU-routed modules."""
+    """Plain L1: mean over real tokens of Σ_e p_e, averaged over ReLU-routed modules."""
     losses = []
     for record in records:
         if record.router != "relu":
@@ -112,50 +124,108 @@ def l1_penalty(records: Sequence[RoutingRecord]) -> torch.Tensor:
     return _mean_over(losses, records)
 
 
+def balanced_l1_penalty(records: Sequence[RoutingRecord], target_k: int) -> torch.Tensor:
+    """ReMoE's load-balanced L1: E Σ_e P_e n_e / (N k) per ReLU-routed module, averaged over modules.
+
+    N is the number of real tokens, P_e = Σ_t p_te / N the mean weight of expert e (carries the
+    gradient), n_e the number of real tokens routed to e (no gradient) and k = ``target_k``. Each
+    expert's L1 is weighted by its activation count, so busy experts are pushed harder; the share
+    is normalised by N k (the target activation count), not by the actual Σ_e n_e.
+    """
+    losses = []
+    for record in records:
+        if record.router != "relu":
+            continue
+        weights, mask = _flat(record, record.weights)
+        token_count = mask.sum().clamp_min(1.0)
+        mean_weight = (weights * mask[:, None]).sum(0) / token_count
+        with torch.no_grad():
+            routed = ((weights > 0).to(weights.dtype) * mask[:, None]).sum(0)
+        losses.append(weights.shape[-1] * (mean_weight * routed).sum() / (token_count * target_k))
+    return _mean_over(losses, records)
+
+
+def _active_fraction(record: RoutingRecord) -> torch.Tensor:
+    """Fraction of one record's (real token, expert) pairs with a non-zero weight (no gradient)."""
+    weights, mask = _flat(record, record.weights.detach())
+    active = (weights > 0).to(weights.dtype).mean(-1)
+    return (active * mask).sum() / mask.sum().clamp_min(1.0)
+
+
 def active_expert_fraction(records: Sequence[RoutingRecord]) -> torch.Tensor:
     """Mean over modules of the fraction of (real token, expert) pairs with a non-zero weight."""
-    fractions = []
-    for record in records:
-        weights, mask = _flat(record, record.weights.detach())
-        active = (weights > 0).to(weights.dtype).mean(-1)
-        fractions.append((active * mask).sum() / mask.sum().clamp_min(1.0))
-    return _mean_over(fractions, records)
+    return _mean_over([_active_fraction(record) for record in records], records)
 
 
 class ReMoLEL1Controller:
-    """ReMoE's adaptive L1 coefficient: c ← c · rate^sign(target_sparsity - measured_sparsity).
+    """ReMoE's adaptive L1 coefficient, updated once per optimiser step.
 
-    target_sparsity = 1 - target_k / E. The coefficient stays a device tensor, so the update needs
-    no host sync. ``state_dict`` / ``load_state_dict`` make it resumable.
+    Every micro-batch, :meth:`observe` adds the mean over ReLU-routed modules of
+    (measured sparsity - target sparsity), with measured sparsity = 1 - active fraction over real
+    tokens and target 1 - k/E of that module's own E (so layers with different expert counts each
+    aim at k active experts). :meth:`update` then averages over the step's micro-batches and sets
+    c ← c · rate when the step was below target, else c ← c / rate. The coefficient and the
+    accumulators stay device tensors, so nothing syncs with the host.
     """
 
-    def __init__(self, target_k: int, num_experts: int, initial: float = 1e-8, rate: float = 1.2) -> None:
-        if not 0 < target_k <= num_experts:
-            raise ValueError(f"top_k={target_k} must be in [1, num_experts={num_experts}] for the ReMoLE controller")
-        self.target_sparsity = 1.0 - target_k / num_experts
+    def __init__(self, target_k: int, initial: float = 1e-8, rate: float = 1.2, form: str = "balanced") -> None:
+        if isinstance(target_k, bool) or not isinstance(target_k, int) or target_k < 1:
+            raise ValueError(f"mole.top_k={target_k!r} must be a positive int (the ReMoLE target active experts)")
+        if not float(initial) > 0:
+            raise ValueError(f"remole_initial_coef={initial} must be > 0 (ReMoE starts at 1e-8)")
+        if not float(rate) > 1:
+            raise ValueError(f"remole_rate={rate} must be > 1 (ReMoE uses 1.2)")
+        if form not in REMOLE_L1_FORMS:
+            raise ValueError(f"remole_l1={form!r} is unknown; choose one of {REMOLE_L1_FORMS}")
+        self.target_k = target_k
         self.rate = float(rate)
+        self.form = form
         self.coefficient: torch.Tensor = torch.tensor(float(initial))
+        self._gap_sum: torch.Tensor = torch.zeros(())
+        self._observed = 0  # micro-batches observed since the last update (a host int, no sync)
 
     def penalty(self, records: Sequence[RoutingRecord]) -> torch.Tensor:
-        """c_t · L1 (call :meth:`update` once per optimiser step afterwards)."""
-        l1 = l1_penalty(records)
+        """c_t · L1 in the configured form (balanced or plain)."""
+        l1 = balanced_l1_penalty(records, self.target_k) if self.form == "balanced" else l1_penalty(records)
         self.coefficient = self.coefficient.to(l1.device)
         return self.coefficient * l1
 
     @torch.no_grad()
-    def update(self, records: Sequence[RoutingRecord], measured_sparsity: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One controller step from the records' measured sparsity (1 - active fraction); returns c."""
-        relu_records = [r for r in records if r.router == "relu"]
-        if measured_sparsity is None:
-            measured_sparsity = 1.0 - active_expert_fraction(relu_records)
-        measured_sparsity = measured_sparsity.to(self.coefficient.device)
-        self.coefficient = self.coefficient * self.rate ** torch.sign(self.target_sparsity - measured_sparsity)
+    def observe(self, records: Sequence[RoutingRecord]) -> None:
+        """Adds one micro-batch's sparsity gap (measured - target, mean over ReLU modules)."""
+        gaps = [self.target_k / r.num_experts - _active_fraction(r) for r in records if r.router == "relu"]
+        if not gaps:
+            raise ValueError("the ReMoLE controller got no records with router='relu'; set mole.router=relu")
+        gap = torch.stack(gaps).mean()
+        self._gap_sum = self._gap_sum.to(gap.device) + gap
+        self._observed += 1
+
+    @torch.no_grad()
+    def update(self, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        """One controller step from the micro-batches observed since the last one; returns c.
+
+        ``reduce`` averages the step's gap over processes (as ReMoE's all-reduce), so that every
+        process keeps the same coefficient.
+        """
+        if not self._observed:
+            raise RuntimeError("ReMoLEL1Controller.update() needs observe() on the step's micro-batches first")
+        gap = self._gap_sum / self._observed
+        if reduce is not None:
+            gap = reduce(gap)
+        below = gap.to(self.coefficient.device) < 0
+        self.coefficient = torch.where(below, self.coefficient * self.rate, self.coefficient / self.rate)
+        self._gap_sum = torch.zeros_like(self._gap_sum)
+        self._observed = 0
         return self.coefficient
 
     def state_dict(self) -> dict:
-        return {"coefficient": self.coefficient.detach().cpu(), "target_sparsity": self.target_sparsity, "rate": self.rate}
+        """The coefficient and settings (checkpoints are written between steps, with nothing observed)."""
+        return {"coefficient": self.coefficient.detach().cpu(), "target_k": self.target_k, "rate": self.rate,
+                "form": self.form}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores :meth:`state_dict`'s output."""
         self.coefficient = state["coefficient"].clone()
-        self.target_sparsity = float(state["target_sparsity"])
+        self.target_k = int(state["target_k"])
         self.rate = float(state["rate"])
+        self.form = str(state["form"])

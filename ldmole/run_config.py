@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from .config import MoLEConfig
+from .losses import LB_PROBS, REMOLE_L1_FORMS
 from .suggest import did_you_mean
 
 __all__ = ["CONFIG_DIR", "compose_config", "parse_overrides", "available", "mole_config_from"]
@@ -17,8 +18,11 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 FILE_KEYS = {
     "models": ("model_source", "chat_format", "torch_dtype", "random_init", "tokenizer", "num_epochs", "mole"),
     "tasks": ("task_name",),
-    "methods": ("mole", "lb_coef", "sparsity_coef", "sparsity_k", "z_coef", "remole_initial_coef", "remole_rate"),
+    "methods": ("mole", "lb_coef", "lb_probs", "sparsity_coef", "sparsity_k", "z_coef", "remole_initial_coef",
+                "remole_rate", "remole_l1"),
 }
+# Keys whose value is one of a few names, checked when the config is composed.
+CHOICES = {"lb_probs": LB_PROBS, "remole_l1": REMOLE_L1_FORMS}
 SELECTORS = {"model": "models", "task": "tasks", "method": "methods"}
 
 
@@ -90,6 +94,10 @@ def compose_config(overrides: Sequence[str] | dict[str, Any] = (), config_dir: P
             config[key] = value
     if config.get("output_dir") is None:
         config["output_dir"] = f"runs/{config['model']}/{config['task']}/{config['method']}/seed{config['seed']}"
+    for key, choices in CHOICES.items():
+        if config.get(key) not in choices:
+            value = str(config.get(key))
+            raise ValueError(f"{key}={config.get(key)!r} is unknown{did_you_mean(value, choices)}; choose one of {choices}")
     mole_config_from(config)  # validates the MoLE settings now, before anything heavy happens
     return config
 

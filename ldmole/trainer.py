@@ -190,6 +190,12 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
 
     started = time.time()
     mole_config = mole_config_from(config)
+    # Built before the model loads so that bad remole_* settings fail early; its target sparsity is
+    # taken per module from each routing record's own expert count (per-layer specs such as "2468").
+    controller = None
+    if mole_config.router == "relu":
+        controller = losses.ReMoLEL1Controller(mole_config.top_k, float(config["remole_initial_coef"]),
+                                               float(config["remole_rate"]), str(config["remole_l1"]))
     # Without CUDA the processes of a torchrun / accelerate launch job talk over gloo on the CPU.
     cpu = not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
@@ -259,10 +265,6 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         _lr_factor, steps_per_epoch=steps_per_epoch, warmup=int(config["warmup_steps"]),
         milestones=list(config["lr_milestones"]), gamma=float(config["lr_gamma"])))
-    controller = None
-    if mole_config.router == "relu":
-        controller = losses.ReMoLEL1Controller(mole_config.top_k, max(mole_config.experts_per_layer(1)),
-                                               float(config["remole_initial_coef"]), float(config["remole_rate"]))
     log_path = output_dir / "log.jsonl"
 
     # ---- state that a checkpoint carries
@@ -358,13 +360,15 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
                 records = routing_records(base)
                 terms = {"task": task_loss}
                 if float(config["lb_coef"]):
-                    terms["lb"] = float(config["lb_coef"]) * losses.load_balance_loss(records)
+                    terms["lb"] = float(config["lb_coef"]) * losses.load_balance_loss(
+                        records, probs=str(config["lb_probs"]))
                 if float(config["sparsity_coef"]):
                     terms["sparsity"] = float(config["sparsity_coef"]) * losses.sparsity_loss(records, int(config["sparsity_k"]))
                 if float(config["z_coef"]):
                     terms["z"] = float(config["z_coef"]) * losses.router_z_loss(records)
                 if controller is not None:
                     terms["l1"] = controller.penalty(records)
+                    controller.observe(records)  # every micro-batch counts toward the step's sparsity
                 for i, name in enumerate(LOSS_TERMS):
                     if name in terms:
                         nonfinite = ~torch.isfinite(terms[name].detach())
@@ -385,7 +389,7 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
                 if accelerator.sync_gradients:
                     scheduler.step()
                     if controller is not None:
-                        controller.update(records)
+                        controller.update(reduce=lambda gap: accelerator.reduce(gap, "mean"))
             progress_state["batches_done"] += 1
             if not accelerator.sync_gradients:
                 continue

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from ldmole import (ReMoLEL1Controller, RoutingRecord, active_expert_fraction, l1_penalty, load_balance_loss,
-                    router_z_loss, sparsity_loss)
+from ldmole import (ReMoLEL1Controller, RoutingRecord, active_expert_fraction, balanced_l1_penalty, l1_penalty,
+                    load_balance_loss, route, router_z_loss, sparsity_loss)
 
 
 def record(weights, router="topk", scores=None, lam=None, mask=None) -> RoutingRecord:
@@ -84,17 +84,114 @@ def test_l1_and_zero_activation_counting_for_relu():
 
 
 def test_remole_controller_moves_coefficient_toward_target():
-    controller = ReMoLEL1Controller(target_k=2, num_experts=8)  # target sparsity 0.75
+    controller = ReMoLEL1Controller(target_k=2)  # 8 experts below: target sparsity 0.75
     dense = record(torch.ones(1, 4, 8), router="relu")  # sparsity 0 < 0.75 -> raise c
-    assert controller.update([dense]).item() == pytest.approx(1e-8 * 1.2)
+    controller.observe([dense])
+    assert controller.update().item() == pytest.approx(1e-8 * 1.2)
     sparse = record(torch.zeros(1, 4, 8), router="relu")  # sparsity 1 > 0.75 -> lower c
-    controller.update([sparse])
-    controller.update([sparse])
+    for _ in range(2):
+        controller.observe([sparse])
+        controller.update()
     assert controller.coefficient.item() == pytest.approx(1e-8 / 1.2)
-    restored = ReMoLEL1Controller(target_k=1, num_experts=4)
+    restored = ReMoLEL1Controller(target_k=1, form="plain")
     restored.load_state_dict(controller.state_dict())
-    assert restored.coefficient.item() == controller.coefficient.item() and restored.target_sparsity == 0.75
-    penalty = controller.penalty([dense])
-    assert penalty.item() == pytest.approx(controller.coefficient.item() * 8)
-    with pytest.raises(ValueError, match="top_k"):
-        ReMoLEL1Controller(target_k=9, num_experts=8)
+    assert restored.coefficient.item() == controller.coefficient.item()
+    assert (restored.target_k, restored.form) == (2, "balanced")
+    # balanced form on all-ones weights: P_e = 1, n_e = N = 4 -> 8 * Σ_e 1 * 4 / (4 * 2) = 32
+    assert controller.penalty([dense]).item() == pytest.approx(controller.coefficient.item() * 32)
+    assert ReMoLEL1Controller(2, form="plain").penalty([dense]).item() == pytest.approx(1e-8 * 8)
+    for kwargs, key in ((dict(target_k=0), "mole.top_k"), (dict(target_k=2, rate=1.0), "remole_rate"),
+                        (dict(target_k=2, initial=0.0), "remole_initial_coef"),
+                        (dict(target_k=2, form="l2"), "remole_l1")):
+        with pytest.raises(ValueError, match=key):
+            ReMoLEL1Controller(**kwargs)
+
+
+def test_remole_controller_targets_each_modules_own_expert_count():
+    # k = 2. A 2-expert module with both experts on is at its target (sparsity 0 = 1 - 2/2); an
+    # 8-expert module with 1 expert on is sparser than its target (7/8 > 3/4): the mean gap is
+    # +1/16, so c must go down. A single target from the largest E (0.75) would see a mean
+    # sparsity of 7/16 and raise c instead.
+    small = record(torch.ones(1, 3, 2), router="relu")
+    large = record(torch.nn.functional.one_hot(torch.tensor([[0, 3, 5]]), 8).float(), router="relu")
+    controller = ReMoLEL1Controller(target_k=2)
+    controller.observe([small, large])
+    assert controller.update().item() == pytest.approx(1e-8 / 1.2)
+
+
+def test_remole_controller_averages_the_steps_micro_batches_and_updates_once():
+    # micro-batch 1: gap 2/8 - 1 = -0.75; micro-batch 2: gap 2/8 - 0 = +0.25 -> mean -0.25 < 0: one raise.
+    # Updating from the last micro-batch alone would lower c.
+    controller = ReMoLEL1Controller(target_k=2)
+    controller.observe([record(torch.ones(1, 2, 8), router="relu")])
+    controller.observe([record(torch.zeros(1, 2, 8), router="relu")])
+    assert controller.update().item() == pytest.approx(1e-8 * 1.2)
+    with pytest.raises(RuntimeError, match="observe"):
+        controller.update()
+    # the step's gap is averaged over processes through `reduce` (here another process's +1 outweighs -0.25)
+    controller.observe([record(torch.ones(1, 2, 8), router="relu")])
+    controller.observe([record(torch.zeros(1, 2, 8), router="relu")])
+    assert controller.update(reduce=lambda gap: (gap + 1.0) / 2).item() == pytest.approx(1e-8)
+
+
+def test_remole_controller_ignores_padded_tokens_in_the_sparsity():
+    # real token: 1 of 8 experts (sparsity 7/8 > 3/4 -> lower c); the padded token is fully dense.
+    weights = torch.zeros(1, 2, 8)
+    weights[0, 0, 0] = 1.0
+    weights[0, 1] = 1.0
+    controller = ReMoLEL1Controller(target_k=2)
+    controller.observe([record(weights, router="relu", mask=[[True, False]])])
+    assert controller.update().item() == pytest.approx(1e-8 / 1.2)
+
+
+def test_balanced_l1_matches_remoe_formula_by_hand():
+    # 3 tokens (the last padded, with large weights), 3 experts, k = 2.
+    weights = [[[0.5, 0.0, 1.0], [0.0, 0.0, 2.0], [9.0, 9.0, 9.0]]]
+    rec = record(weights, router="relu", mask=[[True, True, False]])
+    # real tokens N = 2: column sums of p = [0.5, 0, 3], counts n = [1, 0, 2]
+    # E Σ_e (Σ_t p_te / N) n_e / (N k) = 3 * (0.5/2 * 1 + 0 + 3/2 * 2) / (2 * 2) = 3 * 3.25 / 4
+    expected = 3 * (0.25 * 1 + 1.5 * 2) / 4
+    assert balanced_l1_penalty([rec], target_k=2).item() == pytest.approx(expected)
+    # gradient: d/dp_te = E n_e / (N² k) on real tokens, 0 on the padded one (n_e carries no gradient)
+    leaf = torch.tensor(weights, requires_grad=True)
+    rec.weights = leaf
+    balanced_l1_penalty([rec], target_k=2).backward()
+    row = [3 * n / (2 * 2 * 2) for n in (1, 0, 2)]
+    torch.testing.assert_close(leaf.grad, torch.tensor([[row, row, [0.0, 0.0, 0.0]]]))
+    # averaged over ReLU modules; other routers are skipped
+    plain_only = record([[[1.0, 0.0, 0.0]]], router="relu")  # N=1, n=[1,0,0]: 3 * 1 * 1 / 2 = 1.5
+    assert balanced_l1_penalty([rec, plain_only, record(weights)], 2).item() == pytest.approx((expected + 1.5) / 2)
+
+
+def test_load_balance_softmax_probs_is_molas_form():
+    # MoLA: f_i = top-k selections of expert i / all selections, P_i = mean full-softmax probability.
+    scores = [[[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [5.0, 5.0, 5.0]]]
+    mask = [[True, True, False]]
+    rec = record(route(torch.tensor(scores), "topk", top_k=2), router="topk", scores=scores, mask=mask)
+    real = scores[0][:2]
+    softmax = [[math.exp(u) / sum(math.exp(v) for v in row) for u in row] for row in real]
+    p_mean = [sum(row[i] for row in softmax) / 2 for i in range(3)]
+    chosen = [sorted(range(3), key=lambda i: -row[i])[:2] for row in real]  # token 1: {0, 1}; token 2: {1, 2}
+    f = [sum(i in c for c in chosen) / 4 for i in range(3)]
+    expected = 3 * sum(fi * pi for fi, pi in zip(f, p_mean))
+    assert load_balance_loss([rec], probs="softmax").item() == pytest.approx(expected)
+    kept = [[row[i] / sum(row[j] for j in c) if i in c else 0.0 for i in range(3)] for row, c in zip(softmax, chosen)]
+    renormalised = 3 * sum(f[i] * sum(row[i] for row in kept) / 2 for i in range(3))
+    assert load_balance_loss([rec]).item() == pytest.approx(renormalised), "the default keeps P from the top-k weights"
+    assert abs(renormalised - expected) > 0.02
+    # other routers keep their weights as P
+    soft = record(torch.softmax(torch.tensor(scores), -1), router="sparsegen", scores=torch.zeros(1, 3, 3))
+    assert load_balance_loss([soft], probs="softmax").item() == pytest.approx(load_balance_loss([soft]).item())
+    with pytest.raises(ValueError, match="lb_probs"):
+        load_balance_loss([rec], probs="logits")
+
+
+def test_router_z_loss_ignores_padded_tokens():
+    rec = record(torch.zeros(1, 2, 2), scores=[[[0.0, 0.0], [50.0, 50.0]]], mask=[[True, False]])
+    assert router_z_loss([rec]).item() == pytest.approx(math.log(2) ** 2)
+
+
+def test_active_expert_fraction_ignores_padded_tokens():
+    rec = record([[[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]], router="relu",
+                 mask=[[True, False, False]])
+    assert active_expert_fraction([rec]).item() == pytest.approx(0.25)

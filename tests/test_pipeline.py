@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -28,6 +29,8 @@ needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data n
     ("mole.num_expert=4", "unknown key 'mole.num_expert' (did you mean 'num_experts'"),
     ("method=mola_2468 mole.top_k=3", "top_k=3 exceeds num_experts"),
     ("oops", "is not key=value"),
+    ("lb_probs=sofmax", "lb_probs='sofmax' is unknown (did you mean 'softmax'"),
+    ("remole_l1=l2", "remole_l1='l2' is unknown"),
 ])
 def test_bad_config_fails_before_loading_and_names_the_problem(argument, message):
     with pytest.raises(ValueError) as error:
@@ -43,6 +46,14 @@ def test_compose_layers_defaults_model_task_method_and_overrides():
     assert config["max_steps"] == 7 and config["mixed_precision"] == "no"
     assert config["output_dir"] == "runs/tiny_llama/rte/mola_2468/seed42"
     assert compose_config(["model=llama3.1_8b"])["num_epochs"] == 3
+
+
+def test_baseline_methods_follow_their_codes_defaults():
+    for method in ("mola_8888", "mola_2468"):
+        config = compose_config([f"method={method}"])
+        assert config["lb_coef"] == 0.0 and config["lb_probs"] == "softmax", "MoLA trains without load balance"
+    assert compose_config(["method=ldmole"])["lb_probs"] == "weights"
+    assert compose_config(["method=remole"])["remole_l1"] == "balanced"
 
 
 def test_train_script_rejects_unknown_key_with_exit_code_2():
@@ -129,3 +140,27 @@ def test_readme_smoke_command_writes_metrics_and_adapter(run, tmp_path):
         assert (tmp_path / name).is_file(), f"{name} missing from the run directory"
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if "task" in e] == [10, 20] and all("lb" in e for e in log if "task" in e)
+
+
+@needs_data
+def test_remole_per_layer_experts_controller_steps_once_per_optimiser_step(tmp_path):
+    """method=remole with mole.num_experts='2468' trains, and l1_coef moves by rate^±1 per optimiser step
+    (accumulation 2: updating per micro-batch would move it by an even power every step)."""
+    from ldmole.trainer import train
+
+    config = compose_config(["model=tiny_qwen3", "task=arc_c", "method=remole", "mole.num_experts='2468'",
+                             f"data_dir={SHARED_DATA}", f"tokenizer={SHARED_DATA}/tokenizers/qwen3",
+                             f"output_dir={tmp_path}", "train_max_examples=16", "eval_max_examples=4",
+                             "batch_size=4", "per_device_batch_size=2", "eval_batch_size=4", "max_steps=5",
+                             "log_every=1", "mole.target_modules=[q_proj, down_proj]"])
+    metrics = train(config)
+    assert metrics["steps"] == 5
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    coefs = [(e["step"], e["l1_coef"]) for e in log if "l1_coef" in e]
+    assert [s for s, _ in coefs] == [1, 2, 3, 4, 5]
+    powers = [math.log(c / 1e-8) / math.log(1.2) for _, c in coefs]
+    assert all(abs(p - round(p)) < 1e-3 for p in powers), powers
+    previous = 0
+    for step, power in zip(range(1, 6), map(round, powers)):
+        assert abs(power - previous) == 1, f"step {step}: l1_coef moved by 1.2^{power - previous}, not 1.2^±1"
+        previous = power

@@ -21,6 +21,34 @@ def test_topk_keeps_exactly_k_renormalised():
     torch.testing.assert_close(weights.topk(2).values, top2 / top2.sum(-1, keepdim=True))
 
 
+def _softmax_row(row: list[float]) -> list[float]:
+    """Softmax of one row in plain Python (max-shifted)."""
+    top = max(row)
+    exps = [math.exp(u - top) for u in row]
+    return [e / sum(exps) for e in exps]
+
+
+def _topk_row(row: list[float], k: int) -> list[float]:
+    """MoLA's routing of one row written out: softmax, keep the k largest by sorting, renormalise."""
+    probs = _softmax_row(row)
+    kept = sorted(range(len(row)), key=lambda i: probs[i], reverse=True)[:k]
+    total = sum(probs[i] for i in kept)
+    return [probs[i] / total if i in kept else 0.0 for i in range(len(row))]
+
+
+@pytest.mark.parametrize("router, reference", [
+    ("topk", lambda row: _topk_row(row, 3)),
+    ("relu", lambda row: [max(u, 0.0) for u in row]),
+    ("softmax", _softmax_row),
+])
+def test_router_weights_match_a_plain_python_reference(router, reference):
+    torch.manual_seed(3)
+    scores = torch.randn(2, 4, 6) * 3  # distinct values, so the top-k choice is unambiguous
+    weights = route(scores, router, top_k=3)
+    expected = [[reference(row) for row in batch] for batch in scores.tolist()]
+    torch.testing.assert_close(weights, torch.tensor(expected), atol=1e-6, rtol=1e-5)
+
+
 def test_relu_can_route_a_token_to_no_expert():
     weights = route(torch.tensor([[-1.0, -0.2, -3.0], [0.5, -1.0, 2.0]]), "relu")
     assert weights[0].sum() == 0, "all-negative scores must give zero experts under relu"
