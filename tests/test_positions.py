@@ -22,10 +22,10 @@ def random_ids(length: int, gen: torch.Generator, vocab: int = 96) -> list[int]:
     return torch.randint(1, vocab, (length,), generator=gen).tolist()
 
 
-def with_random_mole(model: torch.nn.Module, router: str) -> torch.nn.Module:
-    """``model`` with MoLE injected and non-zero adapters, so the adapters change the logits."""
+def with_random_mole(model: torch.nn.Module, router: str, dropout: float = 0.0) -> torch.nn.Module:
+    """``model`` (in eval mode) with MoLE injected and non-zero adapters, so the adapters change the logits."""
     get_mole_model(model, MoLEConfig(router=router, num_experts=1 if router == "lora" else 4, r=4, alpha=8,
-                                     dropout=0.0, lambda_hidden=16))
+                                     dropout=dropout, lambda_hidden=16))
     torch.manual_seed(7)
     with torch.no_grad():
         for name, param in mole_parameters(model).items():
@@ -85,7 +85,8 @@ def test_evaluation_scores_options_at_the_last_prompt_position(family):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    model = with_random_mole(tiny_model(family, num_layers=2, seed=4), "softmax")
+    # Heavy adapter dropout: evaluation must switch it off (eval mode) and give the training mode back.
+    model = with_random_mole(tiny_model(family, num_layers=2, seed=4), "softmax", dropout=0.9)
     batch = qa_batch(torch.Generator().manual_seed(3))
     padded = collate(batch, pad_token_id=0)
     with torch.no_grad():
@@ -106,8 +107,11 @@ def test_evaluation_scores_options_at_the_last_prompt_position(family):
     AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=True)
     examples = [SimpleNamespace(category=None) for _ in batch]
+    model.train()
+    torch.manual_seed(0)
     metrics = evaluate(accelerator, SelectedLogits(model), loader, "qa", "arc_c", examples)
     AcceleratorState._reset_state()
+    assert model.training, "evaluate must put a model that was training back into training mode"
     assert metrics["num_examples"] == len(batch)
     assert metrics["accuracy"] == 1.0, (
         f"evaluation must predict {expected} (the option scores at last_prompt_index); it got "

@@ -9,7 +9,7 @@ import torch
 
 import ldmole.trainer as trainer
 from ldmole.run_config import compose_config
-from ldmole.trainer import task_loss, train
+from ldmole.trainer import _epoch_order, _gradient_accumulation, task_loss, train
 from tests.conftest import SHARED_DATA
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
@@ -41,6 +41,22 @@ def test_task_loss_is_label_smoothed_cross_entropy_over_supervised_targets(smoot
     expected = hand_smoothed_cross_entropy(logits.to(torch.bfloat16).float(), targets, smoothing)
     assert got.dtype == torch.float32, f"the task loss must be computed in float32, got {got.dtype}"
     assert got.item() == pytest.approx(expected.item(), rel=1e-5), f"label_smoothing={smoothing}: expected the hand formula"
+
+
+def test_epoch_order_is_a_seeded_permutation_that_changes_every_epoch():
+    first, second = _epoch_order(12, seed=3, epoch=1), _epoch_order(12, seed=3, epoch=2)
+    assert sorted(first) == list(range(12)), "every training example must appear once per epoch"
+    assert first == _epoch_order(12, seed=3, epoch=1), "the order must be reproducible from (seed, epoch)"
+    assert first != second, "each epoch must see the examples in a new order"
+    assert first != _epoch_order(12, seed=4, epoch=1), "another seed must give another order"
+
+
+def test_gradient_accumulation_gives_the_global_batch_and_rejects_a_remainder():
+    config = {"batch_size": 16, "per_device_batch_size": 4}
+    assert _gradient_accumulation(config, num_processes=1) == 4, "16 = 4 per device x 4 micro-batches"
+    assert _gradient_accumulation(config, num_processes=2) == 2, "16 = 4 per device x 2 processes x 2 micro-batches"
+    with pytest.raises(ValueError, match="batch_size=16 is not a multiple of per_device_batch_size=4 x 3 processes"):
+        _gradient_accumulation(config, num_processes=3)
 
 
 @needs_data
