@@ -164,4 +164,32 @@ def get_mole_model(model: nn.Module, config: MoLEConfig) -> nn.Module:
     _register_hooks(model, context)
     for param in mole_parameters(model).values():
         param.requires_grad_(True)
+    _keep_heads_in_float32(model, config)
     return model
+
+
+def _keep_heads_in_float32(model: nn.Module, config: MoLEConfig) -> None:
+    """Moves every trained head (``config.trainable_modules``) to float32 while the frozen base keeps
+    its dtype: AdamW updates of a bf16 head at lr 1e-5 mostly round away. As PEFT does for its
+    float32 adapters, the head casts its input to float32 and its output back to the base dtype,
+    so the model runs with and without autocast (under autocast the matmul itself is bf16)."""
+    heads = config.trainable_modules
+    if not heads:
+        return
+    for name, module in model.named_modules():
+        if not name or not _matches(name, heads) or isinstance(module, MoLELinear):
+            continue
+        dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+        if not dtypes or dtypes == {torch.float32}:
+            continue
+        base_dtype = dtypes.pop() if len(dtypes) == 1 else torch.get_default_dtype()
+        module.float()
+
+        def cast_input(head, args):
+            return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+        def cast_output(head, args, output, dtype=base_dtype):
+            return output.to(dtype) if torch.is_tensor(output) and output.is_floating_point() else output
+
+        module.register_forward_pre_hook(cast_input)
+        module.register_forward_hook(cast_output)

@@ -33,7 +33,7 @@ from .models import language_model_parts, load_base_model, load_tokenizer, resol
 from .records import routing_records
 from .run_config import mole_config_from
 
-__all__ = ["train", "SelectedLogits", "answer_positions", "NonFiniteLossError"]
+__all__ = ["train", "SelectedLogits", "answer_positions", "task_loss", "NonFiniteLossError"]
 
 
 class SelectedLogits(nn.Module):
@@ -67,6 +67,13 @@ def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         positions[row, : len(index)] = index
         targets[row, : len(index)] = shifted[row, index]
     return positions, targets
+
+
+def task_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Mean label-smoothed cross-entropy (in float32) of ``logits [B, K, C]`` against ``targets [B, K]``
+    over the targets that are not IGNORE_INDEX: (1 - ε) (-log p_y) + ε mean_c (-log p_c)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           label_smoothing=label_smoothing)
 
 
 def _encode_all(examples, kind: str, tokenizer, chat_format, max_length: int, truncate: bool) -> list[dict]:
@@ -355,10 +362,8 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
         for batch in loader:
             with accelerator.accumulate(wrapped):
                 logits = wrapped(batch["input_ids"], batch["attention_mask"], batch["positions"])
-                task_loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(),
-                                            ignore_index=IGNORE_INDEX, label_smoothing=float(config["label_smoothing"]))
                 records = routing_records(base)
-                terms = {"task": task_loss}
+                terms = {"task": task_loss(logits, batch["targets"], float(config["label_smoothing"]))}
                 if float(config["lb_coef"]):
                     terms["lb"] = float(config["lb_coef"]) * losses.load_balance_loss(
                         records, probs=str(config["lb_probs"]))
@@ -387,6 +392,7 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if accelerator.sync_gradients:
+                    step_lr = scheduler.get_last_lr()[0]  # the lr this optimiser step used (logged below)
                     scheduler.step()
                     if controller is not None:
                         controller.update(reduce=lambda gap: accelerator.reduce(gap, "mean"))
@@ -400,7 +406,7 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
                 check_finite()
             if step % int(config["log_every"]) == 0 or step == total_steps:
                 check_finite()
-                entry = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0]}
+                entry = {"step": step, "epoch": epoch, "lr": step_lr}
                 entry.update({k: float(accelerator.reduce(v, "mean")) / running_micro for k, v in running.items()})
                 if controller is not None:
                     entry["l1_coef"] = float(controller.coefficient)
