@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 
 MODEL=${MODEL:-qwen3_1.7b}          # configs/models/*.yaml
 TASK=${TASK:-arc_c}                 # configs/tasks/*.yaml
-METHOD=${METHOD:-ldmole}            # configs/methods/*.yaml: ldmole sparsegen_fixed mola_8888 mola_2468 remole softmax lora
+METHOD=${METHOD:-ldmole}            # configs/methods/*.yaml: ldmole ldmole_reference ldmole_sparse_k2 sparsegen_fixed mola_8888 mola_2468 remole softmax lora
 SEED=${SEED:-42}
 NUM_GPUS=${NUM_GPUS:-$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)}
 DATA_DIR=${DATA_DIR:-}              # empty: Hugging Face hub; else DIR/<name>/<split>.jsonl
@@ -36,8 +36,8 @@ add save_every "$SAVE_EVERY"; add resume "$RESUME"
 if [ "$NUM_GPUS" -gt 0 ]; then
   args+=(mixed_precision="${MIXED_PRECISION:-bf16}")
   exec accelerate launch --num_processes "$NUM_GPUS" --num_machines 1 --mixed_precision "${MIXED_PRECISION:-bf16}" \
-    --dynamo_backend no scripts/train.py "${args[@]}" "$@"
+    --dynamo_backend no --module ldmole.cli.train "${args[@]}" "$@"
 else
   args+=(mixed_precision="${MIXED_PRECISION:-no}")
-  exec python scripts/train.py "${args[@]}" "$@"
+  exec python -m ldmole.cli.train "${args[@]}" "$@"
 fi

@@ -1,11 +1,17 @@
-"""ldmole: LD-MoLE (learnable dynamic routing for mixture of LoRA experts) and its baselines."""
+"""ldmole: LD-MoLE (learnable dynamic routing for mixture of LoRA experts) and its baselines.
 
-from .adapter_io import load_mole, save_mole
-from .config import MoLEConfig
-from .injection import get_mole_model, mole_config_of, mole_layers, mole_parameters
-from .lambda_mlp import LambdaMLP
-from .layer import MoLELinear
-from .losses import (
+The names here are the library (`ldmole.core`, torch only); the experiment code lives in
+`ldmole.experiment`, reporting in `ldmole.report`, the commands in `ldmole.cli`.
+"""
+
+__version__ = "0.2.0"
+
+from .core.adapter_io import load_mole, save_mole
+from .core.config import MoLEConfig
+from .core.injection import get_mole_model, mole_config_of, mole_layers, mole_parameters
+from .core.lambda_mlp import LambdaMLP
+from .core.layer import MoLELinear
+from .core.losses import (
     ReMoLEL1Controller,
     active_expert_fraction,
     balanced_l1_penalty,
@@ -14,9 +20,9 @@ from .losses import (
     router_z_loss,
     sparsity_loss,
 )
-from .records import RoutingRecord, routing_records
-from .routing import route, topk_weights
-from .sparsegen import lambda_bounds, sparsegen
+from .core.records import RoutingRecord, routing_records
+from .core.routing import route, topk_weights
+from .core.sparsegen import lambda_bounds, sparsegen
 
 __all__ = [
     "MoLEConfig", "MoLELinear", "LambdaMLP", "get_mole_model", "mole_layers", "mole_parameters",

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ldmole import MoLEConfig, get_mole_model, load_mole, save_mole
-from ldmole.adapter_io import WEIGHTS_NAME, atomic_write
+from ldmole.core.adapter_io import WEIGHTS_NAME, atomic_write
 from tests.conftest import tiny_model
 
 

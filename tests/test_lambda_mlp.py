@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ldmole import LambdaMLP, MoLEConfig, get_mole_model, load_mole, routing_records, save_mole
-from ldmole.injection import LAMBDA_MLPS_ATTR
-from ldmole.run_config import compose_config
+from ldmole.core.injection import LAMBDA_MLPS_ATTR
+from ldmole.experiment.run_config import compose_config
 from tests.conftest import REPO_ROOT, SHARED_DATA, tiny_model
 
 REFERENCE_START = float(np.log(1.0 / (1.0 + np.exp(2.5))) + 1.0 - 0.01)  # logsigmoid(-2.5) + 1 - eps
@@ -147,7 +147,7 @@ def test_short_training_run_gives_per_token_lambda_spread_only_with_the_live_ini
     args = ["model=tiny_qwen3", "task=arc_e", f"method={method}", f"tokenizer={SHARED_DATA}/tokenizers/qwen3",
             f"data_dir={SHARED_DATA}", f"output_dir={tmp_path}", "max_steps=8", "eval_max_examples=32",
             "train_max_examples=64", "save_epoch_adapters=[]"]
-    result = subprocess.run([sys.executable, "scripts/train.py", *args], cwd=REPO_ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "ldmole.cli.train", *args], cwd=REPO_ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     quantiles = json.loads((tmp_path / "metrics.json").read_text())["routing"]["lambda"]["quantiles"]
@@ -164,7 +164,7 @@ def test_probe_script_reports_dead_reference_units_and_live_default_units(tmp_pa
     for method in ("ldmole", "ldmole_reference"):
         out = tmp_path / f"{method}.json"
         result = subprocess.run(
-            [sys.executable, "scripts/probe_lambda.py", "model=tiny_qwen3", "task=arc_e", f"method={method}",
+            [sys.executable, "-m", "ldmole.cli.probe_lambda", "model=tiny_qwen3", "task=arc_e", f"method={method}",
              f"data_dir={SHARED_DATA}", f"tokenizer={SHARED_DATA}/tokenizers/qwen3", "--num-examples", "4",
              "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldmole.layer import MoLELinear
+from ldmole.core.layer import MoLELinear
 
 D_IN, D_OUT, R, ALPHA = 6, 5, 2, 6.0  # alpha / r = 3, distinct from 1, alpha, r and r / alpha
 

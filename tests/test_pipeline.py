@@ -1,4 +1,4 @@
-"""Run configs, scoring, routing statistics, and end-to-end smoke runs of scripts/train.py."""
+"""Run configs, scoring, routing statistics, and end-to-end smoke runs of ldmole-train."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from ldmole import RoutingRecord
-from ldmole.analysis import RoutingStats
-from ldmole.evaluation import classification_metrics, option_scores, qa_metrics
-from ldmole.run_config import compose_config
-from ldmole.trainer import _lr_factor, answer_positions
+from ldmole.experiment.routing_stats import RoutingStats
+from ldmole.experiment.evaluation import classification_metrics, option_scores, qa_metrics
+from ldmole.experiment.run_config import compose_config
+from ldmole.experiment.trainer import _lr_factor, answer_positions
 from tests.conftest import REPO_ROOT, SHARED_DATA
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
@@ -57,7 +57,7 @@ def test_baseline_methods_follow_their_codes_defaults():
 
 
 def test_train_script_rejects_unknown_key_with_exit_code_2():
-    result = subprocess.run([sys.executable, "scripts/train.py", "methd=ldmole"], cwd=REPO_ROOT,
+    result = subprocess.run([sys.executable, "-m", "ldmole.cli.train", "methd=ldmole"], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "did you mean 'method'" in result.stderr
 
@@ -123,7 +123,7 @@ SMOKE_RUNS = {
 def test_readme_smoke_command_writes_metrics_and_adapter(run, tmp_path):
     args = [a.format(data=SHARED_DATA) for a in SMOKE_RUNS[run]]
     args += [f"data_dir={SHARED_DATA}", f"output_dir={tmp_path}", "max_steps=20", "eval_max_examples=64"]
-    result = subprocess.run([sys.executable, "scripts/train.py", *args], cwd=REPO_ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "ldmole.cli.train", *args], cwd=REPO_ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -146,7 +146,7 @@ def test_readme_smoke_command_writes_metrics_and_adapter(run, tmp_path):
 def test_remole_per_layer_experts_controller_steps_once_per_optimiser_step(tmp_path):
     """method=remole with mole.num_experts='2468' trains, and l1_coef moves by rate^±1 per optimiser step
     (accumulation 2: updating per micro-batch would move it by an even power every step)."""
-    from ldmole.trainer import train
+    from ldmole.experiment.trainer import train
 
     config = compose_config(["model=tiny_qwen3", "task=arc_c", "method=remole", "mole.num_experts='2468'",
                              f"data_dir={SHARED_DATA}", f"tokenizer={SHARED_DATA}/tokenizers/qwen3",

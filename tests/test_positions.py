@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ldmole import MoLEConfig, get_mole_model, mole_parameters
-from ldmole.data import collate
-from ldmole.evaluation import option_scores
-from ldmole.trainer import SelectedLogits, _collate_with_index, _eval_collate, answer_positions, evaluate
+from ldmole.experiment.data import collate
+from ldmole.experiment.evaluation import option_scores
+from ldmole.experiment.trainer import SelectedLogits, _collate_with_index, _eval_collate, answer_positions, evaluate
 from tests.conftest import tiny_model
 
 LENGTHS = [5, 9, 3, 7]

@@ -7,7 +7,7 @@ import torch
 
 import ldmole
 from ldmole import MoLEConfig, get_mole_model, load_mole, mole_parameters, routing_records, save_mole
-from ldmole.injection import LAMBDA_MLPS_ATTR
+from ldmole.core.injection import LAMBDA_MLPS_ATTR
 from tests.conftest import tiny_model
 
 

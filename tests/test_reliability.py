@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -15,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldmole.checkpointing import latest_checkpoint
-from ldmole.run_config import compose_config
-from ldmole.trainer import NonFiniteLossError, train
+from ldmole.experiment.checkpointing import latest_checkpoint
+from ldmole.experiment.run_config import compose_config
+from ldmole.experiment.trainer import NonFiniteLossError, train
 from tests.conftest import REPO_ROOT, SHARED_DATA
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
@@ -27,7 +26,7 @@ TINY = ["model=tiny_qwen3", "task=arc_c", f"data_dir={SHARED_DATA}", f"tokenizer
 
 
 def run_script(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "scripts/train.py", *args], cwd=REPO_ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "ldmole.cli.train", *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -41,7 +40,7 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_metrics(tmp_path):
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     out = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "scripts/train.py", *args, f"output_dir={out}"], cwd=REPO_ROOT,
+    process = subprocess.Popen([sys.executable, "-m", "ldmole.cli.train", *args, f"output_dir={out}"], cwd=REPO_ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
@@ -98,7 +97,7 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
                    "eval_batch_size=16", "log_every=4"]
     single = run_script(args + [f"output_dir={tmp_path / 'one'}"])
     assert single.returncode == 0, single.stderr[-3000:]
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "scripts/train.py",
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ldmole.cli.train",
                              *args, f"output_dir={tmp_path / 'two'}"], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=300)
     assert double.returncode == 0, double.stderr[-3000:]

@@ -1,18 +1,16 @@
-"""ldmole/routing_plots.py on synthetic routing, and scripts/plot_routing.py on a tiny saved run."""
+"""ldmole/routing_plots.py on synthetic routing, and ldmole-plot-routing on a tiny saved run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from ldmole import RoutingRecord
-from ldmole import routing_plots as rp
-from tests.conftest import REPO_ROOT, SHARED_DATA
+from ldmole.report import routing_plots as rp
+from tests.conftest import SHARED_DATA
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -121,8 +119,8 @@ needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data n
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A finished 3-step LD-MoLE run of the tiny Qwen3 on ARC-C (adapter/, adapter_epoch1/, metrics.json)."""
-    from ldmole.run_config import compose_config
-    from ldmole.trainer import train
+    from ldmole.experiment.run_config import compose_config
+    from ldmole.experiment.trainer import train
 
     out = tmp_path_factory.mktemp("tiny_run")
     train(compose_config(["model=tiny_qwen3", "task=arc_c", "method=ldmole", f"data_dir={SHARED_DATA}",
@@ -133,12 +131,9 @@ def tiny_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plot_routing():
-    spec = importlib.util.spec_from_file_location("plot_routing_under_test", REPO_ROOT / "scripts" / "plot_routing.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    from ldmole.cli import plot_routing as module
+
+    return module
 
 
 @needs_data

@@ -1,13 +1,11 @@
-"""scripts/sweep.py: the commands of a dry run, skipping finished runs, and carrying on past failures."""
+"""ldmole-sweep: the commands of a dry run, skipping finished runs, and carrying on past failures."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import shlex
 import subprocess
-import sys
 
 import pytest
 
@@ -16,12 +14,9 @@ from tests.conftest import REPO_ROOT
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("sweep_under_test", REPO_ROOT / "scripts" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up while being defined
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    from ldmole.cli import sweep as module
+
+    return module
 
 
 def run_sweep(sweep, argv, launch=None):
@@ -64,7 +59,7 @@ def test_run_sh_passes_only_the_settings_that_are_set(tmp_path):
         env.pop(var, None)
     args = subprocess.run(["bash", "run.sh", "max_steps=5"], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, check=True).stdout.split()
-    assert args[0] == "scripts/train.py" and "model=llama3.1_8b" in args and args[-1] == "max_steps=5"
+    assert args[:2] == ["-m", "ldmole.cli.train"] and "model=llama3.1_8b" in args and args[-1] == "max_steps=5"
     assert not any(a.startswith(("num_epochs=", "lr=", "batch_size=")) for a in args), \
         "unset run.sh settings must leave the config files' values (llama3.1_8b trains 3 epochs)"
     env["NUM_EPOCHS"] = "1"

@@ -1,9 +1,8 @@
-"""ldmole/tables.py and scripts/make_tables.py on synthetic metrics.json files."""
+"""ldmole/tables.py and ldmole-tables on synthetic metrics.json files."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ldmole.tables import (FULL_EVAL_SIZES, METHOD_LABELS, PUBLISHED, TASK_COLUMNS, build_tables, collect_runs,
+from ldmole.report.tables import (FULL_EVAL_SIZES, METHOD_LABELS, PUBLISHED, TASK_COLUMNS, build_tables, collect_runs,
                            format_markdown, write_tables)
 from tests.conftest import REPO_ROOT
 
@@ -91,7 +90,7 @@ def test_complete_rows_get_avg_without_shared_column(tmp_path):
     assert table.ours_avg("ldmole") == pytest.approx(54.0)
     rows = table_rows(format_markdown([table]), "qwen3_1.7b")
     assert rows["LD-MoLE"]["Avg"] == "54.0" and "Avg (shared)" not in rows["LD-MoLE"]
-    assert "LD-MoLE · published" not in rows, "the paper reports no Qwen3-1.7B numbers in PAPER.md"
+    assert "LD-MoLE · published" not in rows, "the paper reports no Qwen3-1.7B numbers in docs/method.md"
 
 
 def test_active_experts_column_averages_the_rows_runs(tmp_path):
@@ -139,9 +138,8 @@ def test_write_tables_writes_markdown_and_one_csv_per_model(tmp_path):
 
 def test_make_tables_script_prints_markdown_and_writes_files(tmp_path, capsys):
     write_run(tmp_path, "llama3.1_8b", "arc_c", "ldmole", 42, 0.85)
-    spec = importlib.util.spec_from_file_location("make_tables_under_test", REPO_ROOT / "scripts" / "make_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from ldmole.cli import make_tables as module
+
     assert module.main([str(tmp_path), "--digits", "2"]) == 0
     printed = capsys.readouterr().out
     assert "| LD-MoLE | — | 85.00 |" in printed and "| LD-MoLE · ours − published | — | +1.30 |" in printed

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-import ldmole.trainer as trainer
-from ldmole.run_config import compose_config
-from ldmole.trainer import _epoch_order, _gradient_accumulation, task_loss, train
+import ldmole.experiment.trainer as trainer
+from ldmole.experiment.run_config import compose_config
+from ldmole.experiment.trainer import _epoch_order, _gradient_accumulation, task_loss, train
 from tests.conftest import SHARED_DATA
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")

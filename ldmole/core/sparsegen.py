@@ -28,7 +28,7 @@ def _lam_like_scores(lam: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 
 
 def _support_thresholds(u_sorted: torch.Tensor, cumsum: torch.Tensor) -> torch.Tensor:
-    """1 - (U_k - k u_(k)) for k = 1..E: expert k is active iff λ is below entry k (PAPER.md §2-3)."""
+    """1 - (U_k - k u_(k)) for k = 1..E: expert k is active iff λ is below entry k (docs/method.md §2-3)."""
     ks = torch.arange(1, u_sorted.shape[-1] + 1, device=u_sorted.device, dtype=u_sorted.dtype)
     return 1.0 - (cumsum - ks * u_sorted)
 

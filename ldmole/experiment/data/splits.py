@@ -1,4 +1,4 @@
-"""Train / selection / evaluation splits of a task under the two protocols of PAPER.md §4.
+"""Train / selection / evaluation splits of a task under the two protocols of docs/method.md §4.
 
 - protocol "selection" (default): a selection split is carved out of train and used to pick the
   best epoch; results are reported on the task's evaluation split, which training never sees.
@@ -28,7 +28,7 @@ import numpy as np
 from .examples import Example, rows_to_examples
 from .rows import SourceRow, load_split_rows
 from .tasks import TaskSpec, get_task
-from ..suggest import did_you_mean
+from ...core.suggest import did_you_mean
 
 __all__ = ["TaskData", "load_task", "carve_train_validation_test", "carve_selection", "PROTOCOLS",
            "default_selection_size", "MMLU_PRO_CARVE_SEED", "MAX_SELECTION_SIZE"]

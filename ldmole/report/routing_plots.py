@@ -1,10 +1,10 @@
-"""Routing figures (PAPER.md §5 analyses): plot functions on plain arrays, and what turns routing
+"""Routing figures (docs/method.md §5 analyses): plot functions on plain arrays, and what turns routing
 records into those arrays.
 
 Data path: :class:`TokenRouting` collects the routing records of some forwards token by token
 (real tokens only); the ``*_by_layer`` / ``*_bands`` helpers reduce it to dicts of arrays; each
 ``plot_*`` function takes only such plain data and writes one PNG (matplotlib, Agg backend), so it
-can be tested without a model. ``scripts/plot_routing.py`` runs a saved adapter to get the records.
+can be tested without a model. ``ldmole-plot-routing`` runs a saved adapter to get the records.
 
 "Active" means a routing weight > 0: a token's active count in a module is the number of experts
 that module's router gave a nonzero weight.
@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
-from .records import RoutingRecord  # noqa: E402
+from ..core.records import RoutingRecord  # noqa: E402
 
 __all__ = [
     "TokenRouting", "active_expert_bands", "lambda_by_layer", "zero_activation_by_layer", "expert_share_by_layer",

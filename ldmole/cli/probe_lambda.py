@@ -1,6 +1,6 @@
 """How alive is the λ-MLP at initialisation? Hidden-unit activity and λ spread per layer on real text.
 
-    python scripts/probe_lambda.py model=smollm2_135m task=arc_e data_dir=../shared/data \
+    ldmole-probe-lambda model=smollm2_135m task=arc_e data_dir=../shared/data \
         [method=ldmole_reference] [mole.lambda_input_norm=rms] [--num-examples 16] [--json OUT.json]
 
 Builds the run's model exactly as train.py would (same composed config, same seed), runs the first
@@ -15,15 +15,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from ldmole import get_mole_model, mole_layers  # noqa: E402
-from ldmole.data import collate, encode_classification, encode_qa, get_chat_format, load_task, pad_token_id_for  # noqa: E402
-from ldmole.models import load_base_model, load_tokenizer, resolve_model_source  # noqa: E402
-from ldmole.run_config import compose_config, mole_config_from  # noqa: E402
+from ldmole import get_mole_model, mole_layers
+from ldmole.experiment.data import (collate, encode_classification, encode_qa, get_chat_format, load_task,
+                                    pad_token_id_for)
+from ldmole.experiment.models import load_base_model, load_tokenizer, resolve_model_source
+from ldmole.experiment.run_config import compose_config, mole_config_from
 
 QUANTILES = (0.05, 0.5, 0.95)
 
@@ -62,7 +62,8 @@ def probe(model, batches) -> dict[tuple[int, str], dict]:
     return result
 
 
-def main(argv: list[str]) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="key=value run settings, as for train.py")
     parser.add_argument("--num-examples", type=int, default=16, help="evaluation examples to run (the first N)")
@@ -109,4 +110,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

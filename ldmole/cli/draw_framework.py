@@ -1,8 +1,8 @@
 """Draw the LD-MoLE framework figure (imgs/framework.png) with matplotlib patches and arrows.
 
-    python scripts/draw_framework.py [--out imgs/framework.png]
+    ldmole-draw-framework [--out imgs/framework.png]
 
-One adapted linear layer (PAPER.md §1-2): the frozen W0 x, plus E LoRA experts B_e A_e weighted by
+One adapted linear layer (docs/method.md §1-2): the frozen W0 x, plus E LoRA experts B_e A_e weighted by
 p = Sparsegen(W_g x; λ), with a per-token λ from the shared λ-MLP.
 """
 
@@ -11,14 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch, Rectangle  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch, Rectangle
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 FROZEN = ("#e8e8e8", "#7f7f7f")     # (fill, edge)
 TRAINED = ("#dbe9f6", "#2b6cb0")
@@ -154,7 +155,8 @@ def _sub(n: int) -> str:
     return str(n).translate(str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉"))
 
 
-def main(argv: list[str]) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "imgs" / "framework.png")
     args = parser.parse_args(argv)
@@ -163,4 +165,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -44,7 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..suggest import did_you_mean
+from ...core.suggest import did_you_mean
 
 __all__ = ["ChatFormat", "CHAT_FORMATS", "get_chat_format"]
 

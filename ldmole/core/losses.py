@@ -42,7 +42,7 @@ def _mean_over(values: Sequence[torch.Tensor], like: Sequence[RoutingRecord]) ->
 
 
 def load_balance_loss(records: Sequence[RoutingRecord], dense_top_k: int = 1, probs: str = "weights") -> torch.Tensor:
-    """L_lb = E Σ_i f_i P_i per module, averaged over modules (PAPER.md §3).
+    """L_lb = E Σ_i f_i P_i per module, averaged over modules (docs/method.md §3).
 
     P_i is the mean over real tokens of expert i's routing weight (carries the gradient); with
     ``probs="softmax"`` top-k records take it from the full softmax of the scores instead of the

@@ -1,9 +1,9 @@
 """Results tables in the paper's layout from every metrics.json under a folder.
 
-    python scripts/make_tables.py runs/                      # -> runs/tables/{results.md,<model>.csv}
-    python scripts/make_tables.py runs/ --out docs/tables --digits 2
+    ldmole-tables runs/                      # -> runs/tables/{results.md,<model>.csv}
+    ldmole-tables runs/ --out docs/tables --digits 2
 
-One table per model: rows = methods (with PAPER.md §5's published numbers and ours − published
+One table per model: rows = methods (with docs/method.md §5's published numbers and ours − published
 where the paper has them), columns = MMLU-Pro ... RTE, Avg, active experts. The Markdown is also
 printed. Layout, averaging and footnotes: ldmole/tables.py.
 """
@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ldmole.tables import build_tables, collect_runs, format_markdown, write_tables  # noqa: E402
+from ldmole.report.tables import build_tables, collect_runs, format_markdown, write_tables
 
 
-def main(argv: list[str]) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path, help="folder searched recursively for metrics.json (e.g. a sweep root)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: ROOT/tables)")
@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not runs:
-        print(f"error: no metrics.json under {args.root}; finished runs write one (see scripts/sweep.py)",
+        print(f"error: no metrics.json under {args.root}; finished runs write one (see ldmole-sweep)",
               file=sys.stderr)
         return 1
     tables = build_tables(runs)
@@ -42,4 +42,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Routing figures of a finished run: reruns its adapter on evaluation examples and writes PNGs.
 
-    python scripts/plot_routing.py runs/qwen3_1.7b/arc_c/ldmole/seed42 [--num-examples 64]
+    ldmole-plot-routing runs/qwen3_1.7b/arc_c/ldmole/seed42 [--num-examples 64]
         [--out DIR] [--layer 12 --module q_proj --example 0] [--data-dir D --tokenizer T]
 
 Reads RUN_DIR/config.yaml, adapter/ (and adapter_epoch1/ when present), loads the base model and
@@ -26,31 +26,30 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import numpy as np
+import torch
+import yaml
 
-from ldmole import load_mole, routing_records  # noqa: E402
-from ldmole import routing_plots as rp  # noqa: E402
-from ldmole.data import (collate, encode_classification, encode_qa, get_chat_format, load_task,  # noqa: E402
+from ldmole import load_mole, routing_records
+from ldmole.report import routing_plots as rp
+from ldmole.experiment.data import (collate, encode_classification, encode_qa, get_chat_format, load_task,
                          pad_token_id_for)
-from ldmole.evaluation import classification_metrics, option_scores, qa_metrics  # noqa: E402
-from ldmole.models import language_model_parts, load_base_model, load_tokenizer, resolve_model_source  # noqa: E402
-from ldmole.run_config import compose_config  # noqa: E402
+from ldmole.experiment.evaluation import classification_metrics, option_scores, qa_metrics
+from ldmole.experiment.models import language_model_parts, load_base_model, load_tokenizer, resolve_model_source
+from ldmole.experiment.run_config import compose_config
 
 
 def load_run_config(run_dir: Path, data_dir: Optional[str], tokenizer: Optional[str]) -> dict:
     """The run's composed config (config.yaml re-validated), with the given path overrides.
 
     A relative data_dir / tokenizer that does not exist from the current directory but does from
-    the repository root (where run.sh and scripts/sweep.py run) is taken from there.
+    the repository root (where run.sh and ldmole-sweep run) is taken from there.
     """
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass a run folder written by scripts/train.py")
+        raise FileNotFoundError(f"{path} does not exist; pass a run folder written by ldmole-train")
     saved = yaml.safe_load(path.read_text()) or {}
     for key in ("data_dir", "tokenizer"):
         value = saved.get(key)
@@ -120,7 +119,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     run_dir = args.run_dir
     try:
@@ -238,4 +238,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

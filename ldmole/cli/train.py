@@ -1,18 +1,17 @@
-"""Fine-tune one MoLE adapter: python scripts/train.py model=... task=... method=... [key=value ...]."""
+"""Fine-tune one MoLE adapter: ldmole-train model=... task=... method=... [key=value ...]."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
-from pathlib import Path
+from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ldmole.run_config import compose_config  # noqa: E402
+from ldmole.experiment.run_config import compose_config
 
 
-def main(argv: list[str]) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in argv):
         print(__doc__ + "\nKeys and defaults: configs/defaults.yaml; names: configs/{models,tasks,methods}/.")
         return 0
@@ -21,7 +20,7 @@ def main(argv: list[str]) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from ldmole.trainer import NonFiniteLossError, train
+    from ldmole.experiment.trainer import NonFiniteLossError, train
 
     try:
         metrics = train(config)
@@ -37,4 +36,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -7,13 +7,13 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from .config import MoLEConfig
-from .losses import LB_PROBS, REMOLE_L1_FORMS
-from .suggest import did_you_mean
+from ..core.config import MoLEConfig
+from ..core.losses import LB_PROBS, REMOLE_L1_FORMS
+from ..core.suggest import did_you_mean
 
 __all__ = ["CONFIG_DIR", "compose_config", "parse_overrides", "available", "mole_config_from"]
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 # Keys that model / task / method files may set on top of defaults.yaml.
 FILE_KEYS = {
     "models": ("model_source", "chat_format", "torch_dtype", "random_init", "tokenizer", "num_epochs", "mole"),

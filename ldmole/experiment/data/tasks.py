@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from ..suggest import did_you_mean
+from ...core.suggest import did_you_mean
 
 __all__ = ["TaskSpec", "TASKS", "get_task"]
 
@@ -15,7 +15,7 @@ GLUE_MAX_LENGTH = 512
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One benchmark: its kind, its Hugging Face and local locations, and its splits (PAPER.md §4).
+    """One benchmark: its kind, its Hugging Face and local locations, and its splits (docs/method.md §4).
 
     ``train_split`` and ``eval_split`` are split names of the source dataset. When
     ``carved_from_one_split`` is true (MMLU-Pro, which has no train split) both name the same split

@@ -1,0 +1,1 @@
+"""Command-line entry points (console scripts `ldmole-*`, or `python -m ldmole.cli.<name>`)."""

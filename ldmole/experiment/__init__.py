@@ -1,0 +1,2 @@
+"""Experiment code: task data and prompts, base models, run configuration, the training loop,
+evaluation, checkpoints and routing statistics."""

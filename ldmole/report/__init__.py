@@ -1,0 +1,1 @@
+"""Reporting: result tables from `metrics.json` files and routing figures."""
