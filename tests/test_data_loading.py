@@ -144,6 +144,39 @@ def test_hub_rows_are_plain_dicts_with_a_row_origin(monkeypatch):
     assert rows[0].origin == "nyu-mll/glue (cola) split train row 1"
 
 
+
+def test_hub_repository_with_a_loading_script_falls_back_to_the_parquet_conversion(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def load_dataset(path, name=None, split=None, revision=None):
+        calls.append((path, name, split, revision))
+        if revision is None:
+            raise RuntimeError("Dataset scripts are no longer supported, but found swag.py")
+        return datasets.Dataset.from_list([{"startphrase": "He walks.", "label": 0}])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    rows = load_split_rows("swag", "validation")
+    assert rows == [{"startphrase": "He walks.", "label": 0}]
+    assert calls == [("allenai/swag", "regular", "validation", None),
+                     ("allenai/swag", "regular", "validation", "refs/convert/parquet")]
+
+
+def test_other_hub_errors_do_not_retry_the_parquet_conversion(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def load_dataset(*args, **kwargs):
+        calls.append(kwargs.get("revision"))
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(ConnectionError):
+        load_split_rows("swag", "validation")
+    assert calls == [None]
+
 # ---- splits and protocols -----------------------------------------------------------------
 
 

@@ -281,3 +281,19 @@ def test_greedy_answer_mentions_paris(smollm2):
         out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
     answer = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_gated_hub_model_failure_names_the_cause_and_how_to_log_in(monkeypatch):
+    import transformers
+    from ldmole.experiment.models import load_tokenizer
+
+    def gated(*args, **kwargs):
+        # what transformers raises for a gated repository without a token (its message, as an OSError)
+        raise OSError("You are trying to access a gated repo.\nMake sure to have access to it at "
+                      "https://huggingface.co/meta-llama/Llama-3.2-3B.\n401 Client Error.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", gated)
+    with pytest.raises(OSError) as caught:
+        load_tokenizer("meta-llama/Llama-3.2-3B")
+    message = str(caught.value)
+    assert "gated" in message and "huggingface-cli login" in message and "HF_TOKEN" in message, message

@@ -24,9 +24,18 @@ def _dtype_kwarg() -> str:
 _DTYPE_KWARG = _dtype_kwarg()
 
 
-def _hub_hint(source: str) -> str:
+GATED_HINT = ("the repository is gated: accept its licence on its hub page with your account, then log in "
+              "with `huggingface-cli login` or set HF_TOKEN (meta-llama checkpoints are gated)")
+
+
+def _hub_hint(source: str, error: BaseException) -> str:
+    """Why loading ``source`` failed and what to do, naming a gated repository as the cause when it is one."""
+    text = f"{type(error).__name__}: {error}"
+    if "gated" in text.lower() or "GatedRepoError" in text:
+        return f"could not load {source!r}: {GATED_HINT} ({text[:200]})"
     return (f"could not load {source!r}: no local directory of that name and the Hugging Face hub is "
-            "unreachable or the id is wrong; pass a local path (model_source=/path/to/model or tokenizer=DIR)")
+            "unreachable or the id is wrong; pass a local path (model_source=/path/to/model or tokenizer=DIR) "
+            f"({text[:200]})")
 
 
 def load_tokenizer(source: str):
@@ -36,7 +45,7 @@ def load_tokenizer(source: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(Path(source).expanduser()) if Path(source).expanduser().exists() else source)
     except (OSError, ValueError) as error:
-        raise OSError(f"tokenizer: {_hub_hint(source)} ({error.__class__.__name__}: {str(error)[:200]})") from None
+        raise OSError(f"tokenizer: {_hub_hint(source, error)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -87,7 +96,7 @@ def load_base_model(config: dict[str, Any], kind: str, tokenizer, num_labels: in
     try:
         model = cls.from_pretrained(source, **{_DTYPE_KWARG: dtype}, **extra)
     except OSError as error:
-        raise OSError(f"model: {_hub_hint(source)} ({str(error)[:200]})") from None
+        raise OSError(f"model: {_hub_hint(source, error)}") from None
     if kind != "causal_lm":
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

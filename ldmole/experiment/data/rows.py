@@ -107,9 +107,7 @@ def _hub_rows(spec: TaskSpec, split: str) -> list[SourceRow]:
     """Rows of one hub split; any failure becomes an error that points at ``data_dir=``."""
     name = spec.hub_path if spec.hub_config is None else f"{spec.hub_path} ({spec.hub_config})"
     try:
-        import datasets
-
-        dataset = datasets.load_dataset(spec.hub_path, spec.hub_config, split=split)
+        dataset = _load_hub_split(spec, split)
     except Exception as exc:
         raise ConnectionError(
             f"task {spec.name!r}: could not load split {split!r} of {name} from the Hugging Face hub "
@@ -119,3 +117,20 @@ def _hub_rows(spec: TaskSpec, split: str) -> list[SourceRow]:
     source = f"{name} split {split}"
     return [SourceRow(item, source, "row", number) for number, item in enumerate(dataset.to_list(), start=1)]
 
+
+
+SCRIPT_REFUSAL = "Dataset scripts are no longer supported"
+PARQUET_REVISION = "refs/convert/parquet"
+
+
+def _load_hub_split(spec: TaskSpec, split: str):
+    """``datasets.load_dataset`` of one split. datasets 4+ refuses repositories that still carry a
+    loading script (SWAG's does); those fall back to the hub's automatic Parquet conversion."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(spec.hub_path, spec.hub_config, split=split)
+    except Exception as exc:
+        if SCRIPT_REFUSAL not in str(exc):
+            raise
+        return datasets.load_dataset(spec.hub_path, spec.hub_config, split=split, revision=PARQUET_REVISION)
