@@ -30,3 +30,12 @@ __all__ = [
     "RoutingRecord", "routing_records", "load_balance_loss", "sparsity_loss", "router_z_loss",
     "l1_penalty", "balanced_l1_penalty", "active_expert_fraction", "ReMoLEL1Controller",
 ]
+
+
+def __getattr__(name: str):
+    """``ldmole.from_pretrained`` / ``ldmole.push_to_hub`` load the experiment layer only when used."""
+    if name in ("from_pretrained", "push_to_hub"):
+        from .experiment import pretrained
+
+        return getattr(pretrained, name)
+    raise AttributeError(f"module 'ldmole' has no attribute {name!r}")

@@ -77,11 +77,12 @@ def _random_model(family: str, random_init: dict[str, Any], kind: str, num_label
     return cls.from_config(config)
 
 
-def load_base_model(config: dict[str, Any], kind: str, tokenizer, num_labels: int = 2) -> nn.Module:
+def load_base_model(config: dict[str, Any], kind: str, tokenizer, num_labels: int = 2,
+                    revision: Optional[str] = None) -> nn.Module:
     """The run's base model: a causal LM (``kind="causal_lm"``) or a sequence classifier.
 
     ``model_source`` is a hub id, a local directory, ``offline:smollm2_135m`` or ``random:<family>``
-    (shape from ``random_init``, weights from the run seed).
+    (shape from ``random_init``, weights from the run seed); ``revision`` pins a hub commit.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -93,6 +94,8 @@ def load_base_model(config: dict[str, Any], kind: str, tokenizer, num_labels: in
     source = resolve_model_source(source)
     cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
     extra: dict[str, Any] = {} if kind == "causal_lm" else {"num_labels": num_labels}
+    if revision:
+        extra["revision"] = revision
     try:
         model = cls.from_pretrained(source, **{_DTYPE_KWARG: dtype}, **extra)
     except OSError as error:

@@ -1,0 +1,148 @@
+"""Self-describing adapters: adapter_info.json and model card, from_pretrained, hub upload (mocked),
+and PEFT export of plain-LoRA adapters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ldmole import MoLEConfig, get_mole_model, mole_parameters
+from ldmole.experiment.adapter_info import AdapterInfo, model_card
+from ldmole.experiment.models import load_base_model, load_tokenizer
+from ldmole.experiment.peft_export import export_peft_lora
+from ldmole.experiment.pretrained import from_pretrained, push_to_hub, save_adapter
+from tests.conftest import SHARED_DATA, tiny_model
+
+needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
+RANDOM_INIT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+
+
+def run_config(**overrides) -> dict:
+    """The parts of a composed run config that describe the base model of a tiny random Qwen3 run."""
+    return {"model_source": "random:qwen3", "model": "tiny_qwen3", "torch_dtype": "float32", "random_init": RANDOM_INIT,
+            "tokenizer": str(SHARED_DATA / "tokenizers" / "qwen3"), "method": "ldmole", "task": "arc_e",
+            "chat_format": "qwen3", "seed": 7, **overrides}
+
+
+def trained_tiny_model(config: dict, router: str = "sparsegen", kind: str = "causal_lm"):
+    """A tiny random base built as the trainer builds it (seeded), with perturbed adapter weights."""
+    from accelerate.utils import set_seed
+
+    tokenizer = load_tokenizer(config["tokenizer"])
+    set_seed(config["seed"])
+    model = load_base_model(config, kind, tokenizer, num_labels=3)
+    mole = MoLEConfig(router=router, num_experts=1 if router == "lora" else 4, r=4)
+    get_mole_model(model, mole)
+    with torch.no_grad():
+        for p in mole_parameters(model).values():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@needs_data
+def test_from_pretrained_rebuilds_base_and_adapter_from_the_folder_alone(tmp_path):
+    config = run_config()
+    model = trained_tiny_model(config)
+    ids = torch.tensor([[5, 9, 200, 31, 7]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    info = AdapterInfo.from_run(config, "causal_lm", None, model)
+    save_adapter(model, tmp_path / "adapter", info, metrics={"accuracy": 0.5, "num_eval_examples": 10})
+    saved = json.loads((tmp_path / "adapter" / "adapter_info.json").read_text())
+    assert saved["base_model"] == "random:qwen3" and saved["method"] == "ldmole" and saved["task"] == "arc_e"
+    assert saved["chat_format"] == "qwen3" and saved["ldmole_version"]
+    loaded = from_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=0, rtol=0)
+
+
+@needs_data
+def test_from_pretrained_takes_another_location_of_the_base_model(tmp_path):
+    config = run_config()
+    model = trained_tiny_model(config)
+    ids = torch.tensor([[5, 9, 200, 31, 7]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    from accelerate.utils import set_seed
+
+    set_seed(config["seed"])  # the same seed builds the same base weights
+    load_base_model(config, "causal_lm", load_tokenizer(config["tokenizer"])).save_pretrained(tmp_path / "base")
+    info = AdapterInfo.from_run(run_config(model_source="someone/not-on-this-machine"), "causal_lm", None)
+    save_adapter(model, tmp_path / "adapter", info)
+    with pytest.raises(OSError, match="someone/not-on-this-machine"):
+        from_pretrained(tmp_path / "adapter")
+    loaded = from_pretrained(tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-6, rtol=0)
+
+
+def test_adapter_without_info_says_to_pass_the_base_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="base_model="):
+        AdapterInfo.read(tmp_path)
+
+
+def test_model_card_names_method_base_task_metrics_and_routing():
+    info = AdapterInfo(base_model="Qwen/Qwen3-1.7B", model_kind="causal_lm", method="ldmole", task="arc_c",
+                       chat_format="qwen3", ldmole_version="0.2.0", base_model_revision="abc123")
+    routing = {"avg_active_experts": 3.25, "zero_activation_rate": 0.0,
+               "per_layer": {"0": {"avg_active_experts": 4.5}, "1": {"avg_active_experts": 2.0}},
+               "lambda": {"mean": -1.2, "quantiles": {"q05": -2.0, "q50": -1.1, "q95": -0.4}}}
+    card = model_card(info, {"accuracy": 0.7512, "num_eval_examples": 299, "eval_split": "validation", "routing": routing})
+    assert card.startswith("---\nlibrary_name: ldmole\nbase_model: Qwen/Qwen3-1.7B\n")
+    assert "# ldmole adapter: Qwen/Qwen3-1.7B on arc_c" in card and "revision `abc123`" in card
+    assert "| accuracy | 75.12 |" in card and "| examples | 299 (validation split) |" in card
+    assert "Mean active experts per token: 3.25" in card and "| 0 | 4.50 |" in card and "| 1 | 2.00 |" in card
+    assert "q05 -2.0, q50 -1.1, q95 -0.4" in card and 'ldmole.from_pretrained("' in card
+
+
+class FakeHubApi:
+    """Records what push_to_hub asks of huggingface_hub.HfApi."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs))
+
+
+def test_push_to_hub_creates_the_repository_and_uploads_the_folder(tmp_path):
+    AdapterInfo(base_model="Qwen/Qwen3-1.7B", model_kind="causal_lm", method="ldmole", task="arc_c",
+                chat_format="qwen3", ldmole_version="0.2.0").write(tmp_path)
+    api = FakeHubApi()
+    url = push_to_hub(tmp_path, "me/ldmole-arc-c", api=api)
+    assert url == "https://huggingface.co/me/ldmole-arc-c"
+    assert api.calls[0] == ("create_repo", "me/ldmole-arc-c", {"private": True, "exist_ok": True, "repo_type": "model"})
+    assert api.calls[1][1]["folder_path"] == str(tmp_path) and api.calls[1][1]["repo_id"] == "me/ldmole-arc-c"
+    with pytest.raises(FileNotFoundError):
+        push_to_hub(tmp_path / "empty", "me/x", api=FakeHubApi())
+
+
+@pytest.mark.parametrize("kind", ["causal_lm", "classification"])
+def test_lora_adapter_exported_to_peft_gives_the_same_logits(kind, tmp_path):
+    from peft import PeftModel
+
+    model = get_mole_model(tiny_model("llama", task=kind, seed=3), MoLEConfig(router="lora", num_experts=1, r=4, alpha=8))
+    with torch.no_grad():
+        for p in mole_parameters(model).values():
+            p.add_(torch.randn_like(p) * 0.1)
+    ids = torch.tensor([[3, 14, 15, 92, 65], [35, 89, 79, 32, 38]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    export_peft_lora(model, tmp_path)
+    peft_model = PeftModel.from_pretrained(tiny_model("llama", task=kind, seed=3), str(tmp_path)).eval()
+    with torch.no_grad():
+        got = peft_model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mixture_adapter_export_to_peft_explains_why_not(tmp_path):
+    model = get_mole_model(tiny_model("qwen3"), MoLEConfig(router="sparsegen", num_experts=4))
+    with pytest.raises(ValueError, match="PEFT's LoRA has one update per module and no router"):
+        export_peft_lora(model, tmp_path)
