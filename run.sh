@@ -34,8 +34,22 @@ add lr "$LR"; add lb_coef "$LB_COEF"; add sparsity_coef "$SPARSITY_COEF"; add sp
 add save_every "$SAVE_EVERY"; add resume "$RESUME"
 
 if [ "$NUM_GPUS" -gt 0 ]; then
+  # The global batch must split evenly: processes x per-device batch x accumulation = BATCH_SIZE.
+  # 16 splits over 1, 2, 4 or 8 GPUs; on 3, 5, 6 or 7 the largest count that divides it is used.
+  global=${BATCH_SIZE:-16}
+  procs=$NUM_GPUS
+  while [ $((global % procs)) -ne 0 ]; do procs=$((procs - 1)); done
+  if [ "$procs" -ne "$NUM_GPUS" ]; then
+    echo "run.sh: a global batch of $global cannot be split evenly over $NUM_GPUS GPUs; using $procs of them" \
+         "(set BATCH_SIZE to a multiple of $NUM_GPUS to use all)" >&2
+  fi
+  if [ -z "$PER_DEVICE_BATCH_SIZE" ]; then  # at most 4 per GPU, the rest by gradient accumulation
+    per=$((global / procs)); [ "$per" -gt 4 ] && per=4
+    while [ $((global / procs % per)) -ne 0 ]; do per=$((per - 1)); done
+    args+=(per_device_batch_size="$per")
+  fi
   args+=(mixed_precision="${MIXED_PRECISION:-bf16}")
-  exec accelerate launch --num_processes "$NUM_GPUS" --num_machines 1 --mixed_precision "${MIXED_PRECISION:-bf16}" \
+  exec accelerate launch --num_processes "$procs" --num_machines 1 --mixed_precision "${MIXED_PRECISION:-bf16}" \
     --dynamo_backend no --module ldmole.cli.train "${args[@]}" "$@"
 else
   args+=(mixed_precision="${MIXED_PRECISION:-no}")

@@ -128,3 +128,22 @@ def test_launch_passes_the_environment_and_logs_to_the_run_folder(sweep, tmp_pat
 def test_a_resume_override_replaces_the_automatic_one(sweep, tmp_path):
     job = sweep.build_jobs(["tiny_qwen3"], ["rte"], ["ldmole"], [7], tmp_path, ["resume=null"])[0]
     assert job.command()[2:] == ["resume=null"]
+
+
+@pytest.mark.parametrize("gpus, processes, per_device", [
+    (1, 1, 4), (2, 2, 4), (3, 2, 4), (4, 4, 4), (5, 4, 4), (6, 4, 4), (7, 4, 4), (8, 8, 2)])
+def test_run_sh_keeps_the_global_batch_of_16_on_any_gpu_count(gpus, processes, per_device, tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "accelerate").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    (fake_bin / "accelerate").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "NUM_GPUS": str(gpus)}
+    for var in ("BATCH_SIZE", "PER_DEVICE_BATCH_SIZE"):
+        env.pop(var, None)
+    result = subprocess.run(["bash", "run.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True)
+    args = result.stdout.split()
+    assert args[args.index("--num_processes") + 1] == str(processes)
+    assert f"per_device_batch_size={per_device}" in args
+    accumulation = 16 // (processes * per_device)
+    assert processes * per_device * accumulation == 16, "the global batch must stay 16"
+    assert ("cannot be split evenly over" in result.stderr) == (processes != gpus)
