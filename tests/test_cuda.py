@@ -1,0 +1,85 @@
+"""Checks that need a CUDA GPU; they skip elsewhere. Run them on a GPU machine with
+``python -m pytest -q -m cuda tests``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from ldmole import LambdaMLP, MoLELinear, routing_records
+from tests.conftest import SHARED_DATA
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+ROUTERS = ["sparsegen", "sparsegen_fixed", "topk", "relu", "softmax", "lora"]
+
+
+def layer_pair(router: str, seed: int = 0) -> tuple[MoLELinear, MoLELinear]:
+    """The same adapted 256 -> 384 projection on the CPU in float32 and on the GPU in bfloat16."""
+    torch.manual_seed(seed)
+    base = nn.Linear(256, 384, bias=False)
+    experts = 1 if router == "lora" else 8
+    mlp = LambdaMLP(256, 64) if router == "sparsegen" else None
+    cpu = MoLELinear(base, experts, r=8, alpha=16, router=router, top_k=2, lambda_mlp=mlp,
+                     fixed_lambda=-1.0 if router == "sparsegen_fixed" else None)
+    with torch.no_grad():
+        cpu.lora_B.normal_(std=0.05)
+    gpu_base = nn.Linear(256, 384, bias=False).to("cuda", torch.bfloat16)
+    gpu_base.weight.data.copy_(base.weight.data)
+    gpu_mlp = None
+    if mlp is not None:
+        gpu_mlp = LambdaMLP(256, 64).cuda()
+        gpu_mlp.load_state_dict(mlp.state_dict())
+    gpu = MoLELinear(gpu_base, experts, r=8, alpha=16, router=router, top_k=2, lambda_mlp=gpu_mlp,
+                     fixed_lambda=-1.0 if router == "sparsegen_fixed" else None)
+    gpu.load_state_dict(cpu.state_dict())
+    return cpu.eval(), gpu.eval()
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_bf16_layer_on_gpu_matches_fp32_on_cpu_with_float32_routing(router):
+    cpu, gpu = layer_pair(router)
+    x = torch.randn(2, 64, 256)
+    expected = cpu(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = gpu(x.to("cuda", torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    scale = expected.abs().mean()
+    assert (got.float().cpu() - expected).abs().mean() < 0.02 * scale, "bf16 output too far from fp32"
+    if router != "lora":
+        record = routing_records(gpu)[0]
+        assert record.weights.dtype == torch.float32 and record.scores.dtype == torch.float32
+        if router != "topk":  # top-k may flip near-ties under bf16 rounding
+            torch.testing.assert_close(record.weights.cpu(), routing_records(cpu)[0].weights, atol=0.02, rtol=0.05)
+
+
+@pytest.mark.parametrize("router", ["sparsegen", "softmax", "lora"])
+def test_bf16_backward_on_gpu_gives_float32_adapter_gradients_close_to_fp32(router):
+    cpu, gpu = layer_pair(router)
+    x = torch.randn(2, 64, 256)
+    cpu(x).square().mean().backward()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        gpu(x.to("cuda", torch.bfloat16)).float().square().mean().backward()
+    for name in ("lora_A", "lora_B"):
+        got, expected = getattr(gpu, name).grad, getattr(cpu, name).grad
+        assert got.dtype == torch.float32
+        relative = (got.cpu() - expected).norm() / expected.norm().clamp_min(1e-12)
+        assert relative < 0.05, f"{router} {name}: relative gradient error {relative:.3f}"
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
+def test_short_bf16_training_run_on_gpu(tmp_path):
+    from ldmole.experiment.run_config import compose_config
+    from ldmole.experiment.trainer import train
+
+    config = compose_config(["model=tiny_qwen3", "task=arc_e", "method=ldmole", f"data_dir={SHARED_DATA}",
+                             f"tokenizer={SHARED_DATA}/tokenizers/qwen3", f"output_dir={tmp_path}",
+                             "mixed_precision=bf16", "max_steps=6", "train_max_examples=48",
+                             "eval_max_examples=16", "log_every=2"])
+    metrics = train(config)
+    assert metrics["steps"] == 6 and metrics["num_eval_examples"] == 16
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if "task" in line]
+    assert all(torch.isfinite(torch.tensor(entry["task"])) for entry in log)
+    assert metrics["routing"]["lambda"]["quantiles"]["q95"] > metrics["routing"]["lambda"]["quantiles"]["q05"]
