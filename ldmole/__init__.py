@@ -21,6 +21,7 @@ from .core.losses import (
     sparsity_loss,
 )
 from .core.records import RoutingRecord, routing_records
+from .core.routers import Router, get_router, register_router, router_names
 from .core.routing import route, topk_weights
 from .core.sparsegen import lambda_bounds, sparsegen
 
@@ -29,6 +30,7 @@ __all__ = [
     "mole_config_of", "save_mole", "load_mole", "sparsegen", "lambda_bounds", "route", "topk_weights",
     "RoutingRecord", "routing_records", "load_balance_loss", "sparsity_loss", "router_z_loss",
     "l1_penalty", "balanced_l1_penalty", "active_expert_fraction", "ReMoLEL1Controller",
+    "Router", "register_router", "get_router", "router_names",
 ]
 
 

@@ -79,9 +79,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import ldmole
-from ldmole import LambdaMLP, MoLELinear, route
+from ldmole import LambdaMLP, MoLELinear, get_router, route
+from ldmole.core.routers import BUILTIN_ROUTERS, LORA
 
-ROUTERS = ("sparsegen", "sparsegen_fixed", "topk", "relu", "softmax", "lora")
+ROUTERS = (*BUILTIN_ROUTERS, LORA)
 DEFAULT_SHAPES = "2048x2048,2048x6144,6144x2048"  # Qwen3-1.7B: q/o, gate/up, down
 GOAL_SHAPE = (2048, 6144)
 GOAL_SETTING = dict(tokens=512, experts=8, rank=8)
@@ -116,7 +117,7 @@ class DenseEinsumMoLE(nn.Module):
                  router: str, top_k: int = 2, lambda_mlp: Optional[LambdaMLP] = None,
                  fixed_lambda: Optional[float] = None) -> None:
         super().__init__()
-        if router == "lora":
+        if router == LORA:
             raise ValueError("DenseEinsumMoLE needs a routed variant")
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
@@ -137,7 +138,7 @@ class DenseEinsumMoLE(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             scores = F.linear(x.float(), self.router.weight.float())
             lam = None
-            if self.router_kind == "sparsegen":
+            if get_router(self.router_kind).learned_lambda:
                 mlp = self._lambda_mlp[0]
                 lam = mlp(x)
                 mlp.clear_cache()
@@ -204,11 +205,16 @@ def _trainable(*modules: Optional[nn.Module]) -> list:
 
 
 def ldmole_name(router: str) -> str:
-    return LDMOLE_LORA_VARIANT if router == "lora" else f"ldmole {router}"
+    return LDMOLE_LORA_VARIANT if router == LORA else f"ldmole {router}"
 
 
 def dense_name(router: str) -> str:
     return f"dense-einsum {router}"
+
+
+def _learned_lambda(router: str) -> bool:
+    """Whether ``router`` reads its λ from a λ-MLP (the variant then gets its own)."""
+    return router != LORA and get_router(router).learned_lambda
 
 
 def make_lambda_mlp(d_in: int, args: argparse.Namespace, device: torch.device) -> LambdaMLP:
@@ -219,10 +225,10 @@ def make_lambda_mlp(d_in: int, args: argparse.Namespace, device: torch.device) -
 def build_ldmole(base: nn.Linear, router: str, args: argparse.Namespace) -> Variant:
     """``MoLELinear`` for ``router`` (B made non-zero so that the equivalence check means something)."""
     device = base.weight.device
-    lambda_mlp = make_lambda_mlp(base.in_features, args, device) if router == "sparsegen" else None
-    if router == "lora":
+    lambda_mlp = make_lambda_mlp(base.in_features, args, device) if _learned_lambda(router) else None
+    if router == LORA:
         rank = args.experts * args.rank
-        layer = MoLELinear(base, 1, rank, alpha=args.alpha * args.experts, dropout=args.dropout, router="lora")
+        layer = MoLELinear(base, 1, rank, alpha=args.alpha * args.experts, dropout=args.dropout, router=LORA)
     else:
         layer = MoLELinear(base, args.experts, args.rank, alpha=args.alpha, dropout=args.dropout, router=router,
                            top_k=args.top_k, lambda_mlp=lambda_mlp, fixed_lambda=args.fixed_lambda)
@@ -230,14 +236,14 @@ def build_ldmole(base: nn.Linear, router: str, args: argparse.Namespace) -> Vari
         for e in range(layer.num_experts):
             nn.init.kaiming_uniform_(layer.lora_B[e], a=math.sqrt(5))
     base.weight.requires_grad_(False)
-    twin = PEFT_VARIANT if router == "lora" else dense_name(router)
+    twin = PEFT_VARIANT if router == LORA else dense_name(router)
     return Variant(ldmole_name(router), "ldmole", router, layer, _trainable(layer, lambda_mlp), twin)
 
 
 def build_dense(base: nn.Linear, router: str, args: argparse.Namespace) -> Variant:
     """:class:`DenseEinsumMoLE` for ``router`` with its own λ-MLP (sparsegen)."""
     device = base.weight.device
-    lambda_mlp = make_lambda_mlp(base.in_features, args, device) if router == "sparsegen" else None
+    lambda_mlp = make_lambda_mlp(base.in_features, args, device) if _learned_lambda(router) else None
     layer = DenseEinsumMoLE(base, args.experts, args.rank, alpha=args.alpha, dropout=args.dropout, router=router,
                             top_k=args.top_k, lambda_mlp=lambda_mlp, fixed_lambda=args.fixed_lambda)
     return Variant(dense_name(router), "dense-einsum", router, layer, _trainable(layer, lambda_mlp))
@@ -256,7 +262,7 @@ def build_peft(base: nn.Linear, args: argparse.Namespace) -> Variant:
         nn.init.kaiming_uniform_(layer.lora_B["default"].weight, a=math.sqrt(5))
     base.weight.requires_grad_(False)
     layer._bench_peft_model = [model]  # keep the PeftModel alive, unregistered
-    return Variant(PEFT_VARIANT, "peft", "lora", layer, _trainable(layer))
+    return Variant(PEFT_VARIANT, "peft", LORA, layer, _trainable(layer))
 
 
 def build_base_only(base: nn.Linear) -> Variant:
@@ -675,7 +681,7 @@ def _run_benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict
         variants: list[Variant] = [build_base_only(base)]
         for router in args.routers:
             variants.append(build_ldmole(base, router, args))
-            if router != "lora":
+            if router != LORA:
                 variants.append(build_dense(base, router, args))
         variants.append(build_peft(base, args))
         by_name = {v.name: v for v in variants}

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import yaml
 
-from ldmole import load_mole, routing_records
+from ldmole import get_router, load_mole, routing_records
+from ldmole.core.routers import LORA
 from ldmole.report import routing_plots as rp
 from ldmole.experiment.data import (collate, encode_classification, encode_qa, get_chat_format, load_task,
                          pad_token_id_for)
@@ -128,7 +129,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if config["mole"].get("router") == "lora":
+    if config["mole"].get("router") == LORA:
         print("error: method lora has no router (one expert); there is no routing to plot", file=sys.stderr)
         return 2
     out = args.out or run_dir / "plots"
@@ -198,7 +199,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     written = [rp.plot_active_experts_per_layer(rp.active_expert_bands(routing), out / "active_experts_per_layer.png",
                                                 f"Active experts per layer: {subtitle}", max_experts)]
     lams = rp.lambda_by_layer(routing)
-    if routing.router == "sparsegen" and lams:
+    if get_router(routing.router).learned_lambda and lams:
         written.append(rp.plot_lambda_per_layer(lams, out / "lambda_per_layer.png", f"λ per layer: {subtitle}"))
     else:
         print(f"skip lambda_per_layer.png: router {routing.router!r} has no learned λ", file=sys.stderr)
@@ -214,7 +215,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     written.append(rp.plot_expert_share(shares, out / "expert_share.png",
                                         f"Expert share ({args.share}s) per layer: {name}", layers=routing.layers))
 
-    if routing.router == "relu":
+    if not get_router(routing.router).routes_every_token:
         written.append(rp.plot_zero_activation_rate(rp.zero_activation_by_layer(routing),
                                                     out / "zero_activation_rate.png",
                                                     f"Tokens with zero active experts: {subtitle}"))
@@ -226,7 +227,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ids = routing.token_ids[span][: args.max_tokens]
     total = span.stop - span.start
     shown = f"first {len(ids)} of {total} tokens" if len(ids) < total else f"{total} tokens"
-    lam = routing.lam(key) if routing.router == "sparsegen" else None
+    lam = routing.lam(key) if get_router(routing.router).learned_lambda else None
     written.append(rp.plot_token_routing(
         [rp.token_label(tokenizer.decode([int(t)])) for t in ids], routing.weights(key)[span][: len(ids)],
         out / f"token_routing_L{layer}_{args.module}_ex{args.example}.png",

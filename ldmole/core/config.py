@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from .lambda_mlp import LAMBDA_INITS, LAMBDA_INPUT_NORMS
+from .routers import LORA, get_router
 from .suggest import did_you_mean
 
-__all__ = ["MoLEConfig", "ROUTERS", "LAMBDA_SHARING", "ROUTER_INPUTS", "DEFAULT_TARGET_MODULES"]
+__all__ = ["MoLEConfig", "LAMBDA_SHARING", "ROUTER_INPUTS", "DEFAULT_TARGET_MODULES"]
 
-ROUTERS = ("sparsegen", "sparsegen_fixed", "topk", "relu", "softmax", "lora")
 LAMBDA_SHARING = ("width", "module", "layer")
 ROUTER_INPUTS = ("x", "dropout")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -39,7 +39,8 @@ class MoLEConfig:
         default="sparsegen",
         metadata={"help": "Routing function: sparsegen (LD-MoLE, λ from the λ-MLP), sparsegen_fixed "
                   "(constant λ = fixed_lambda), topk (MoLA), relu (ReMoLE), softmax (dense MoLE), "
-                  "lora (one expert, no router: plain LoRA)."},
+                  "lora (one expert, no router: plain LoRA), or any router registered with "
+                  "ldmole.core.routers.register_router."},
     )
     num_experts: ExpertSpec = field(
         default=8,
@@ -99,8 +100,7 @@ class MoLEConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.router not in ROUTERS:
-            raise ValueError(f"router={self.router!r} is unknown{did_you_mean(self.router, ROUTERS)}; choose one of {ROUTERS}")
+        router = None if self.router == LORA else get_router(self.router)  # unknown names raise here
         if self.lambda_sharing not in LAMBDA_SHARING:
             raise ValueError(
                 f"lambda_sharing={self.lambda_sharing!r} is unknown{did_you_mean(self.lambda_sharing, LAMBDA_SHARING)}; "
@@ -123,19 +123,12 @@ class MoLEConfig:
             self.target_modules = list(self.target_modules)
         if not self.target_modules:
             raise ValueError("target_modules is empty: name at least one nn.Linear (e.g. ['q_proj', 'v_proj'])")
-        if self.router == "sparsegen_fixed":
-            if self.fixed_lambda is None or not float(self.fixed_lambda) < 1.0:
-                raise ValueError(
-                    f"fixed_lambda={self.fixed_lambda!r}: router=sparsegen_fixed needs fixed_lambda < 1 (e.g. 0.5)"
-                )
         counts = self._known_counts()
-        if self.router == "lora" and counts != [1]:
-            raise ValueError(f"num_experts={self.num_experts!r}: router=lora is a single LoRA; set num_experts=1")
-        if self.router in ("topk", "relu") and counts and self.top_k > min(counts):
-            raise ValueError(
-                f"top_k={self.top_k} exceeds num_experts={self.num_experts!r} (smallest layer has {min(counts)} "
-                "experts); lower top_k or add experts"
-            )
+        if router is None:
+            if counts != [1]:
+                raise ValueError(f"num_experts={self.num_experts!r}: router=lora is a single LoRA; set num_experts=1")
+        else:
+            router.validate(self, counts)
 
     def _known_counts(self) -> list[int]:
         """Every expert count named by num_experts (validated), independent of the layer count."""

@@ -12,6 +12,7 @@ from .config import MoLEConfig
 from .lambda_mlp import LambdaMLP
 from .layer import MoLELinear
 from .records import RoutingContext
+from .routers import LORA, get_router
 
 __all__ = ["get_mole_model", "mole_layers", "mole_parameters", "mole_config_of", "LAMBDA_MLPS_ATTR"]
 
@@ -66,8 +67,8 @@ def mole_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         prefix = f"{module_name}." if module_name else ""
         if isinstance(module, MoLELinear):
             owned = [("lora_A", module.lora_A), ("lora_B", module.lora_B)]
-            if module.router is not None:
-                owned.append(("router.weight", module.router.weight))
+            if module.router is not None:  # the router's own parameters; the shared λ-MLP is not among them
+                owned.extend((f"router.{n}", p) for n, p in module.router.named_parameters())
         elif module_name == LAMBDA_MLPS_ATTR or (heads and _matches(module_name, heads)):
             owned = list(module.named_parameters())
         else:
@@ -105,7 +106,7 @@ def get_mole_model(model: nn.Module, config: MoLEConfig) -> nn.Module:
     Works for any model built of ``nn.Linear`` (Qwen3 / Llama causal-LM and sequence-classification
     models of transformers 4.51+ and 5.x included): layers return plain tensors, so the stock
     modeling code runs unchanged. Every base parameter is frozen; only :func:`mole_parameters`
-    train. λ-MLPs are registered once under ``model.ldmole_lambda_mlps``.
+    train. λ-MLPs (for routers with a learned λ) are registered once under ``model.ldmole_lambda_mlps``.
 
     Raises:
         ValueError: the model is already a MoLE model, ``target_modules`` matches no ``nn.Linear``,
@@ -125,8 +126,7 @@ def get_mole_model(model: nn.Module, config: MoLEConfig) -> nn.Module:
         )
     layer_ids = sorted({_layer_index(name) or 0 for name, _ in targets})
     counts = dict(zip(layer_ids, config.experts_per_layer(len(layer_ids))))
-    if config.router == "topk" and config.top_k > min(counts.values()):
-        raise ValueError(f"top_k={config.top_k} exceeds the {min(counts.values())} experts of some layer (num_experts={config.num_experts!r})")
+    learned_lambda = config.router != LORA and get_router(config.router).learned_lambda
 
     for param in model.parameters():
         param.requires_grad_(False)
@@ -137,7 +137,7 @@ def get_mole_model(model: nn.Module, config: MoLEConfig) -> nn.Module:
         layer_index = _layer_index(name) or 0
         module_type = name.rsplit(".", 1)[-1]
         lambda_mlp = None
-        if config.router == "sparsegen":
+        if learned_lambda:
             key = _lambda_key(config.lambda_sharing, module_type, layer_index, base.in_features)
             if key not in lambda_mlps:
                 lambda_mlps[key] = LambdaMLP(

@@ -9,16 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ROUTER_INPUTS
+from .config import MoLEConfig
 from .lambda_mlp import LambdaMLP
 from .records import RoutingContext, RoutingRecord
-from .routing import route
+from .routers import LORA, get_router
 
 __all__ = ["MoLELinear"]
 
 
 class MoLELinear(nn.Module):
-    """out = base_layer(x) + (alpha / r) Σ_e p_e B_e A_e dropout(x), with p = route(W_g x).
+    """out = base_layer(x) + (alpha / r) Σ_e p_e B_e A_e dropout(x), with p = router(x).
 
     The experts run as one rank-(E·r) LoRA whose hidden units are scaled by the routing weights:
     h = A_cat dropout(x) ([..., E·r]), h_e *= p_e, out += (alpha/r) B_cat h. No [tokens, E, d_out]
@@ -32,18 +32,22 @@ class MoLELinear(nn.Module):
         r: rank of each expert.
         alpha: LoRA alpha (scaling alpha / r).
         dropout: dropout probability on the experts' input.
-        router: routing kind (``MoLEConfig.router``); ``"lora"`` means one expert and no router.
-        top_k: experts per token for ``router="topk"``.
-        lambda_mlp: the shared λ predictor for ``router="sparsegen"``. It is owned by the model
-            (registered once, not under every layer) so this layer only holds a reference.
-        fixed_lambda: λ for ``router="sparsegen_fixed"``.
+        router: a registered router name (``MoLEConfig.router``); ``"lora"`` means one expert and no router.
+        top_k: ``MoLEConfig.top_k`` (experts per token for ``router="topk"``).
+        lambda_mlp: the shared λ predictor for routers with a learned λ (``router="sparsegen"``). It
+            is owned by the model (registered once, not under every layer) so the router only holds
+            a reference.
+        fixed_lambda: ``MoLEConfig.fixed_lambda`` (λ for ``router="sparsegen_fixed"``).
         name, layer_index: identify the layer in routing records.
         router_input: ``"x"`` (router and λ-MLP read the module input) or ``"dropout"`` (they read
             the experts' dropout(x), as the reference release; identical at evaluation).
 
+    The settings are validated as a ``MoLEConfig`` (errors name its fields), so a layer built on its
+    own is checked by the same code as a model.
+
     Parameters: ``lora_A [E, r, d_in]`` (kaiming-uniform per expert), ``lora_B [E, d_out, r]`` (zero,
-    so the model starts as the base model), ``router`` = ``nn.Linear(d_in, E, bias=False)`` (None for
-    lora). Adapter parameters are float32 whatever the base dtype.
+    so the model starts as the base model), ``router``: the registered ``Router`` (its gating weight
+    ``router.weight [E, d_in]``; None for lora). Adapter parameters are float32 whatever the base dtype.
     """
 
     def __init__(
@@ -62,16 +66,8 @@ class MoLELinear(nn.Module):
         router_input: str = "x",
     ) -> None:
         super().__init__()
-        if router == "sparsegen" and lambda_mlp is None:
-            raise ValueError("router='sparsegen' needs a lambda_mlp")
-        if router == "sparsegen_fixed" and (fixed_lambda is None or not fixed_lambda < 1):
-            raise ValueError(f"router='sparsegen_fixed' needs fixed_lambda < 1, got {fixed_lambda!r}")
-        if router_input not in ROUTER_INPUTS:
-            raise ValueError(f"router_input={router_input!r}: choose one of {ROUTER_INPUTS}")
-        if router == "lora" and num_experts != 1:
-            raise ValueError(f"router='lora' is one expert, got num_experts={num_experts}")
-        if router == "topk" and top_k > num_experts:
-            raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts} in {name or 'this layer'}")
+        settings = MoLEConfig(router=router, num_experts=num_experts, top_k=top_k, r=r, alpha=alpha, dropout=dropout,
+                              fixed_lambda=fixed_lambda, router_input=router_input)
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
@@ -79,8 +75,6 @@ class MoLELinear(nn.Module):
         self.r = r
         self.scaling = alpha / r
         self.router_kind = router
-        self.top_k = top_k
-        self.fixed_lambda = fixed_lambda
         self.router_input = router_input
         self.name = name
         self.layer_index = layer_index
@@ -89,41 +83,32 @@ class MoLELinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Parameter(torch.empty(num_experts, r, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, r, device=device))
-        self.router = None if router == "lora" else nn.Linear(self.in_features, num_experts, bias=False, device=device)
-        # Held in a list so the shared module is not registered (and saved) under every layer.
-        self._lambda_mlp = [lambda_mlp] if lambda_mlp is not None else []
+        self.router = None if router == LORA else get_router(router)(
+            self.in_features, num_experts, settings, lambda_mlp=lambda_mlp, device=device)
         self.routing_context = RoutingContext(standalone=True)
-        if lambda_mlp is not None:
-            self.routing_context.lambda_mlps.append(lambda_mlp)
+        if self.lambda_mlp is not None:
+            self.routing_context.lambda_mlps.append(self.lambda_mlp)
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:
-        """A_e kaiming-uniform(a=√5) with fan-in d_in, B_e = 0, router kaiming-uniform(a=√5)."""
+        """A_e kaiming-uniform(a=√5) with fan-in d_in, B_e = 0, then the router's own reset."""
         with torch.no_grad():
             for expert in range(self.num_experts):
                 nn.init.kaiming_uniform_(self.lora_A[expert], a=math.sqrt(5))
             self.lora_B.zero_()
-            if self.router is not None:
-                nn.init.kaiming_uniform_(self.router.weight, a=math.sqrt(5))
+        if self.router is not None:
+            self.router.reset_parameters()
 
     @property
     def lambda_mlp(self) -> Optional[LambdaMLP]:
-        return self._lambda_mlp[0] if self._lambda_mlp else None
+        return self.router.lambda_mlp if self.router is not None else None
 
     def extra_repr(self) -> str:
         return f"router={self.router_kind}, num_experts={self.num_experts}, r={self.r}, scaling={self.scaling}"
 
     def _route(self, x: torch.Tensor) -> torch.Tensor:
         """Routing weights [..., E] (float32); stores the layer's routing record."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x32 = x.float()
-            scores = F.linear(x32, self.router.weight.float())
-            lam = None
-            if self.router_kind == "sparsegen":
-                lam = self.lambda_mlp(x)
-            elif self.router_kind == "sparsegen_fixed":
-                lam = torch.full(scores.shape[:-1], self.fixed_lambda, dtype=scores.dtype, device=scores.device)
-            weights = route(scores, self.router_kind, top_k=self.top_k, lam=lam)
+        scores, weights, lam = self.router(x)
         ctx = self.routing_context
         ctx.add(RoutingRecord(self.name, self.layer_index, self.module_type, self.router_kind,
                               scores, weights, lam, ctx.token_mask(scores)))

@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .records import RoutingRecord
-from .routing import DENSE_ROUTERS
+from .routers import get_router
 from .sparsegen import lambda_bounds
 
 __all__ = [
@@ -23,6 +23,11 @@ __all__ = [
 LB_PROBS = ("weights", "softmax")
 # ReMoLE's L1 term (run-config key remole_l1): ReMoE's load-balanced L1, or the plain L1.
 REMOLE_L1_FORMS = ("balanced", "plain")
+
+
+def _applies(loss: str, record: RoutingRecord) -> bool:
+    """Whether auxiliary ``loss`` (a name in ``AUX_LOSSES``) applies to the record's router."""
+    return loss in get_router(record.router).aux_losses
 
 
 def _flat(record: RoutingRecord, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,28 +50,30 @@ def load_balance_loss(records: Sequence[RoutingRecord], dense_top_k: int = 1, pr
     """L_lb = E Σ_i f_i P_i per module, averaged over modules (docs/method.md §3).
 
     P_i is the mean over real tokens of expert i's routing weight (carries the gradient); with
-    ``probs="softmax"`` top-k records take it from the full softmax of the scores instead of the
-    renormalised top-k weights (MoLA's own form; other routers are unaffected). f_i is the share of
-    all (token, expert) activations that go to expert i (no gradient). For dense routers (softmax)
-    every expert is always active, which makes the loss identically 1: there f_i comes from each
-    token's ``dense_top_k`` highest-weight experts instead (the Switch form). Records without a
-    router (plain LoRA) are skipped.
+    ``probs="softmax"`` records of routers whose weights are a renormalised selection of the softmax
+    (``Router.selects_from_softmax``: topk) take it from the full softmax of the scores instead (MoLA's
+    own form; other routers are unaffected). f_i is the share of all (token, expert) activations that
+    go to expert i (no gradient). For dense routers (``Router.dense``: softmax) every expert is always
+    active, which makes the loss identically 1: there f_i comes from each token's ``dense_top_k``
+    highest-weight experts instead (the Switch form). Modules with one expert, and routers without
+    "lb" in their ``aux_losses``, are skipped.
     """
     if probs not in LB_PROBS:
         raise ValueError(f"lb_probs={probs!r} is unknown; choose one of {LB_PROBS}")
     losses = []
     for record in records:
+        router = get_router(record.router)
         weights, mask = _flat(record, record.weights)
         num_experts = weights.shape[-1]
-        if num_experts < 2:
+        if num_experts < 2 or "lb" not in router.aux_losses:
             continue
         token_count = mask.sum().clamp_min(1.0)
         p = weights
-        if probs == "softmax" and record.router == "topk":
+        if probs == "softmax" and router.selects_from_softmax:
             p, _ = _flat(record, torch.softmax(record.scores, dim=-1))
         mean_weight = (p * mask[:, None]).sum(0) / token_count
         with torch.no_grad():
-            if record.router in DENSE_ROUTERS:
+            if router.dense:
                 top = weights.topk(min(dense_top_k, num_experts), dim=-1).indices
                 active = torch.zeros_like(weights).scatter(-1, top, 1.0)
             else:
@@ -82,13 +89,13 @@ def sparsity_loss(records: Sequence[RoutingRecord], k: int) -> torch.Tensor:
 
     λ_lower(k) = 1 - (U_k - k u_(k+1)) from the detached scores, so the loss trains the λ-MLP only
     and is zero once every token has at most k active experts. Layers with E <= k contribute 0.
-    Only Sparsegen records with a learned λ take part.
+    Only records of routers with "sparsity" in their ``aux_losses`` (Sparsegen with a learned λ) take part.
     """
     if k < 1:
         raise ValueError(f"sparsity_k={k} must be >= 1")
     losses = []
     for record in records:
-        if record.lam is None or record.router != "sparsegen":
+        if record.lam is None or not _applies("sparsity", record):
             continue
         num_experts = record.scores.shape[-1]
         if k >= num_experts:
@@ -102,10 +109,11 @@ def sparsity_loss(records: Sequence[RoutingRecord], k: int) -> torch.Tensor:
 
 
 def router_z_loss(records: Sequence[RoutingRecord]) -> torch.Tensor:
-    """Router z-loss: mean over real tokens of logsumexp(u)², averaged over routed modules."""
+    """Router z-loss: mean over real tokens of logsumexp(u)², averaged over routed modules (routers with
+    "z" in their ``aux_losses``)."""
     losses = []
     for record in records:
-        if record.scores.shape[-1] < 2:
+        if record.scores.shape[-1] < 2 or not _applies("z", record):
             continue
         scores, mask = _flat(record, record.scores)
         z = torch.logsumexp(scores, dim=-1).square()
@@ -114,10 +122,11 @@ def router_z_loss(records: Sequence[RoutingRecord]) -> torch.Tensor:
 
 
 def l1_penalty(records: Sequence[RoutingRecord]) -> torch.Tensor:
-    """Plain L1: mean over real tokens of Σ_e p_e, averaged over ReLU-routed modules."""
+    """Plain L1: mean over real tokens of Σ_e p_e, averaged over modules of routers with "l1" in their
+    ``aux_losses`` (ReLU)."""
     losses = []
     for record in records:
-        if record.router != "relu":
+        if not _applies("l1", record):
             continue
         weights, mask = _flat(record, record.weights)
         losses.append((weights.sum(-1) * mask).sum() / mask.sum().clamp_min(1.0))
@@ -125,7 +134,8 @@ def l1_penalty(records: Sequence[RoutingRecord]) -> torch.Tensor:
 
 
 def balanced_l1_penalty(records: Sequence[RoutingRecord], target_k: int) -> torch.Tensor:
-    """ReMoE's load-balanced L1: E Σ_e P_e n_e / (N k) per ReLU-routed module, averaged over modules.
+    """ReMoE's load-balanced L1: E Σ_e P_e n_e / (N k) per module of a router with "l1" in its
+    ``aux_losses`` (ReLU), averaged over modules.
 
     N is the number of real tokens, P_e = Σ_t p_te / N the mean weight of expert e (carries the
     gradient), n_e the number of real tokens routed to e (no gradient) and k = ``target_k``. Each
@@ -134,7 +144,7 @@ def balanced_l1_penalty(records: Sequence[RoutingRecord], target_k: int) -> torc
     """
     losses = []
     for record in records:
-        if record.router != "relu":
+        if not _applies("l1", record):
             continue
         weights, mask = _flat(record, record.weights)
         token_count = mask.sum().clamp_min(1.0)
@@ -160,9 +170,9 @@ def active_expert_fraction(records: Sequence[RoutingRecord]) -> torch.Tensor:
 class ReMoLEL1Controller:
     """ReMoE's adaptive L1 coefficient, updated once per optimiser step.
 
-    Every micro-batch, :meth:`observe` adds the mean over ReLU-routed modules of
-    (measured sparsity - target sparsity), with measured sparsity = 1 - active fraction over real
-    tokens and target 1 - k/E of that module's own E (so layers with different expert counts each
+    Every micro-batch, :meth:`observe` adds the mean, over the modules of routers with "l1" in their
+    ``aux_losses`` (ReLU), of (measured sparsity - target sparsity), with measured sparsity = 1 - active
+    fraction over real tokens and target 1 - k/E of that module's own E (so layers with different expert counts each
     aim at k active experts). :meth:`update` then averages over the step's micro-batches and sets
     c ← c · rate when the step was below target, else c ← c / rate. The coefficient and the
     accumulators stay device tensors, so nothing syncs with the host.
@@ -192,10 +202,11 @@ class ReMoLEL1Controller:
 
     @torch.no_grad()
     def observe(self, records: Sequence[RoutingRecord]) -> None:
-        """Adds one micro-batch's sparsity gap (measured - target, mean over ReLU modules)."""
-        gaps = [self.target_k / r.num_experts - _active_fraction(r) for r in records if r.router == "relu"]
+        """Adds one micro-batch's sparsity gap (measured - target, mean over the L1-penalised modules)."""
+        gaps = [self.target_k / r.num_experts - _active_fraction(r) for r in records if _applies("l1", r)]
         if not gaps:
-            raise ValueError("the ReMoLE controller got no records with router='relu'; set mole.router=relu")
+            raise ValueError("the ReMoLE controller got no records of a router with the L1 penalty "
+                             "(aux_losses containing 'l1'); set mole.router=relu")
         gap = torch.stack(gaps).mean()
         self._gap_sum = self._gap_sum.to(gap.device) + gap
         self._observed += 1

@@ -31,6 +31,7 @@ from .evaluation import classification_metrics, option_scores, qa_metrics
 from ..core.injection import get_mole_model, mole_parameters
 from .models import language_model_parts, load_base_model, load_tokenizer, resolve_model_source
 from ..core.records import routing_records
+from ..core.routers import aux_losses_of
 from .run_config import mole_config_from
 
 __all__ = ["train", "SelectedLogits", "answer_positions", "task_loss", "NonFiniteLossError"]
@@ -200,7 +201,7 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
     # Built before the model loads so that bad remole_* settings fail early; its target sparsity is
     # taken per module from each routing record's own expert count (per-layer specs such as "2468").
     controller = None
-    if mole_config.router == "relu":
+    if "l1" in aux_losses_of(mole_config.router):
         controller = losses.ReMoLEL1Controller(mole_config.top_k, float(config["remole_initial_coef"]),
                                                float(config["remole_rate"]), str(config["remole_l1"]))
     # Without CUDA the processes of a torchrun / accelerate launch job talk over gloo on the CPU.

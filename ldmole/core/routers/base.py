@@ -1,0 +1,112 @@
+"""`Router`: the abstract router of a MoLE layer (gating weight W_g, routing function, its facts and checks)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..config import MoLEConfig
+
+__all__ = ["Router", "AUX_LOSSES", "check_top_k_fits"]
+
+# Auxiliary losses a router may take part in (ldmole.core.losses): load balance, analytic λ
+# sparsity, router z-loss, ReMoLE's adaptive L1 (which also turns on the trainer's L1 controller).
+AUX_LOSSES = frozenset({"lb", "sparsity", "z", "l1"})
+
+
+def check_top_k_fits(config: "MoLEConfig", counts: Sequence[int]) -> None:
+    """Raises when ``config.top_k`` exceeds the smallest expert count (routers that count on k experts)."""
+    if counts and config.top_k > min(counts):
+        raise ValueError(
+            f"top_k={config.top_k} exceeds num_experts={config.num_experts!r} (smallest layer has {min(counts)} "
+            "experts); lower top_k or add experts"
+        )
+
+
+class Router(nn.Module):
+    """Gating scores u = W_g x and routing weights p = route(u) [..., E] of one MoLE layer (docs/method.md §1-2).
+
+    A router owns ``weight`` (W_g, E x d_in, kaiming-uniform(a=√5)), saved as ``<layer>.router.weight``.
+    Subclasses set the class facts below and define :meth:`route_scores` (the routing function of the
+    scores), and :meth:`lam` when they route with a λ; register them with
+    :func:`ldmole.core.routers.register_router` so that ``MoLEConfig(router=name)`` finds them.
+
+    Class attributes:
+        name: the ``MoLEConfig.router`` value.
+        dense: every expert always gets a non-zero weight (load balance then counts each token's top
+            expert, the Switch form).
+        learned_lambda: λ per token from the shared λ-MLP, which the model owns (registered once
+            under ``ldmole_lambda_mlps``); the router only holds a reference.
+        routes_every_token: every token gets at least one expert (False for ReLU routing).
+        selects_from_softmax: the weights are a renormalised selection of softmax(u), so the load
+            balance's ``lb_probs=softmax`` form takes P from the full softmax.
+        aux_losses: the auxiliary losses (names in ``AUX_LOSSES``) that apply to this router.
+
+    Args:
+        in_features: d_in.
+        num_experts: E of this layer.
+        config: the layer's ``MoLEConfig`` (already validated by :meth:`validate`).
+        lambda_mlp: the shared λ predictor, exactly when ``learned_lambda``.
+    Shapes: ``x [..., d_in] -> (scores, weights) [..., E], lam [...] or None``, all float32.
+    """
+
+    name: ClassVar[str] = ""
+    dense: ClassVar[bool] = False
+    learned_lambda: ClassVar[bool] = False
+    routes_every_token: ClassVar[bool] = True
+    selects_from_softmax: ClassVar[bool] = False
+    aux_losses: ClassVar[frozenset] = frozenset({"lb", "z"})
+
+    def __init__(self, in_features: int, num_experts: int, config: "MoLEConfig",
+                 lambda_mlp: Optional[nn.Module] = None, device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        if self.learned_lambda and lambda_mlp is None:
+            raise ValueError(f"router={self.name!r} needs a lambda_mlp (get_mole_model creates the shared one)")
+        if not self.learned_lambda and lambda_mlp is not None:
+            raise ValueError(f"router={self.name!r} has no learned λ; pass lambda_mlp=None")
+        self.in_features = in_features
+        self.num_experts = num_experts
+        self.top_k = config.top_k
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, device=device))
+        # Held in a list so the shared module is not registered (and saved) under every layer.
+        self._lambda_mlp = [lambda_mlp] if lambda_mlp is not None else []
+        self.reset_parameters()
+
+    @classmethod
+    def validate(cls, config: "MoLEConfig", counts: Sequence[int]) -> None:
+        """Checks ``config`` against the distinct per-layer expert ``counts``; raises ValueError naming the
+        field and the fix. The base router has nothing to check."""
+
+    @classmethod
+    def route_scores(cls, scores: torch.Tensor, *, top_k: int = 2, lam: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The routing function: non-negative weights ``[..., E]`` from ``scores [..., E]`` (``lam [...]``,
+        ``top_k`` for the routers that use them)."""
+        raise NotImplementedError(f"router {cls.__name__} must define route_scores")
+
+    @property
+    def lambda_mlp(self) -> Optional[nn.Module]:
+        return self._lambda_mlp[0] if self._lambda_mlp else None
+
+    def reset_parameters(self) -> None:
+        """W_g kaiming-uniform(a=√5), as ``nn.Linear`` (and drawing the same random numbers)."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def lam(self, x: torch.Tensor, scores: torch.Tensor) -> Optional[torch.Tensor]:
+        """λ ``[...]`` of every token (float32), or None for routers without one."""
+        return None
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, in_features={self.in_features}, num_experts={self.num_experts}"
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        # Routing is computed in float32 also under autocast: bf16 scores flip near-ties and λ bounds.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            scores = F.linear(x.float(), self.weight.float())
+            lam = self.lam(x, scores)
+            return scores, self.route_scores(scores, top_k=self.top_k, lam=lam), lam

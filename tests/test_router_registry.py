@@ -1,0 +1,118 @@
+"""The router registry: facts and checks of the built-in routers, and a router added from outside the package."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import ldmole
+from ldmole import MoLEConfig, MoLELinear, Router, get_mole_model, load_mole, register_router, routing_records, save_mole
+from ldmole.core.routers import BUILTIN_ROUTERS, LORA, aux_losses_of, get_router, router_names
+from tests.conftest import SHARED_DATA, tiny_model
+
+needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
+
+
+@register_router
+class SigmoidTop1Router(Router):
+    """What a user writes: the top-scoring expert only, weighted by the sigmoid of its score."""
+
+    name = "test_sigmoid_top1"
+
+    @classmethod
+    def route_scores(cls, scores: torch.Tensor, *, top_k: int = 2, lam: Optional[torch.Tensor] = None) -> torch.Tensor:
+        top = scores.argmax(-1, keepdim=True)
+        return torch.zeros_like(scores).scatter(-1, top, torch.sigmoid(scores.gather(-1, top)))
+
+
+def test_builtin_router_facts():
+    assert BUILTIN_ROUTERS == ("sparsegen", "sparsegen_fixed", "topk", "relu", "softmax")
+    assert router_names()[:5] == BUILTIN_ROUTERS and router_names()[-1] == LORA
+    assert [n for n in BUILTIN_ROUTERS if get_router(n).dense] == ["softmax"]
+    assert [n for n in BUILTIN_ROUTERS if get_router(n).learned_lambda] == ["sparsegen"]
+    assert [n for n in BUILTIN_ROUTERS if not get_router(n).routes_every_token] == ["relu"]
+    assert [n for n in BUILTIN_ROUTERS if "sparsity" in aux_losses_of(n)] == ["sparsegen"]
+    assert [n for n in BUILTIN_ROUTERS if "l1" in aux_losses_of(n)] == ["relu"]
+    assert aux_losses_of(LORA) == frozenset()
+
+
+def test_get_router_names_the_closest_and_lora_has_no_class():
+    with pytest.raises(ValueError, match="router='sparsgen' is unknown \\(did you mean 'sparsegen'\\?\\)"):
+        get_router("sparsgen")
+    with pytest.raises(ValueError, match="plain LoRA"):
+        get_router(LORA)
+
+
+def test_register_router_rejects_a_taken_name_and_unknown_losses():
+    with pytest.raises(ValueError, match="already registered"):
+        register_router(type("Other", (SigmoidTop1Router,), {}))
+    with pytest.raises(ValueError, match="aux_losses has unknown losses \\['entropy'\\]"):
+        register_router(type("Bad", (Router,), {"name": "test_bad", "aux_losses": frozenset({"entropy"})}))
+    with pytest.raises(ValueError, match="name"):
+        register_router(type("Nameless", (Router,), {}))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(router="topk", num_experts=2, top_k=3), "top_k=3 exceeds"),
+    (dict(router="relu", num_experts=2, top_k=3), "top_k=3 exceeds"),
+    (dict(router="sparsegen_fixed", fixed_lambda=1.5), "fixed_lambda=1.5"),
+    (dict(router="sparsegen"), "needs a lambda_mlp"),
+])
+def test_a_layer_built_alone_is_checked_by_its_router(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MoLELinear(nn.Linear(8, 6), r=2, alpha=4, **{"num_experts": 4, **kwargs})
+
+
+def test_outside_router_injects_records_trains_and_round_trips(tmp_path):
+    config = MoLEConfig(router="test_sigmoid_top1", num_experts=4, r=4, alpha=8, lambda_hidden=16)
+    model = get_mole_model(tiny_model("qwen3", num_layers=2), config)
+    assert not hasattr(model, ldmole.core.injection.LAMBDA_MLPS_ATTR), "no λ-MLP for a router without a learned λ"
+    with torch.no_grad():
+        for p in ldmole.mole_parameters(model).values():
+            p.add_(torch.randn_like(p) * 0.05)
+    ids = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    model.train()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    records = routing_records(model)
+    assert len(records) == 14 and {r.router for r in records} == {"test_sigmoid_top1"}
+    for record in records:
+        assert ((record.weights > 0).sum(-1) == 1).all() and record.lam is None
+        torch.testing.assert_close(record.weights.max(-1).values, torch.sigmoid(record.scores.max(-1).values))
+    assert ldmole.l1_penalty(records).item() == 0.0 and ldmole.sparsity_loss(records, 1).item() == 0.0
+    (out.loss + ldmole.load_balance_loss(records) + ldmole.router_z_loss(records)).backward()
+    router_grads = [p.grad for n, p in model.named_parameters() if n.endswith(".router.weight")]
+    assert len(router_grads) == 14 and all(g is not None and g.abs().sum() > 0 for g in router_grads)
+
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    save_mole(model, tmp_path)
+    assert "model.layers.0.self_attn.q_proj.router.weight" in load_file(str(tmp_path / "adapter.safetensors"))
+    fresh = load_mole(tiny_model("qwen3", num_layers=2), tmp_path)
+    with torch.no_grad():
+        got = fresh(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+@needs_data
+def test_outside_router_trains_through_the_trainer(tmp_path):
+    from ldmole.experiment.run_config import compose_config
+    from ldmole.experiment.trainer import train
+
+    train(compose_config([
+        "model=tiny_qwen3", "task=arc_e", "method=softmax", "mole.router=test_sigmoid_top1", "lb_coef=1.0",
+        "z_coef=0.01", f"data_dir={SHARED_DATA}", f"tokenizer={SHARED_DATA}/tokenizers/qwen3", "max_steps=2",
+        "train_max_examples=8", "eval_max_examples=4", "batch_size=4", "per_device_batch_size=4",
+        "eval_batch_size=4", "log_every=1", "save_epoch_adapters=[]", "mixed_precision=no", f"output_dir={tmp_path}",
+    ]))
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"lb"' in line]
+    assert log and all("z" in entry and "l1" not in entry for entry in log), "its aux losses: lb and z, no ReMoLE L1"
+    assert json.loads((tmp_path / "adapter" / "mole_config.json").read_text())["router"] == "test_sigmoid_top1"
+    assert (tmp_path / "metrics.json").is_file()
