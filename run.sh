@@ -3,12 +3,13 @@
 #   bash run.sh                      # the paper's setting: Qwen3-1.7B, ARC-Challenge, LD-MoLE
 #   DATA_DIR=../shared/data MODEL=smollm2_135m bash run.sh     # offline, on the bundled real data
 #   bash run.sh max_steps=100 mole.num_experts=4               # extra key=value pass through
-# An empty setting keeps the value of the config files (configs/defaults.yaml, models/, methods/).
+# An empty setting keeps the value of the config files (configs/models/, methods/) or the default
+# (python -m ldmole.cli.train --help lists every key).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 MODEL=${MODEL:-qwen3_1.7b}          # configs/models/*.yaml
-TASK=${TASK:-arc_c}                 # configs/tasks/*.yaml
+TASK=${TASK:-arc_c}                 # arc_c arc_e csqa obqa hellaswag swag mmlu_pro cola rte mrpc
 METHOD=${METHOD:-ldmole}            # configs/methods/*.yaml: ldmole ldmole_reference ldmole_sparse_k2 sparsegen_fixed mola_8888 mola_2468 remole softmax lora
 SEED=${SEED:-42}
 NUM_GPUS=${NUM_GPUS:-$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)}

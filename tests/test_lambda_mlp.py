@@ -87,9 +87,9 @@ def test_live_init_starts_near_dense_with_a_per_token_spread():
 
 
 def test_methods_choose_the_lambda_initialisation():
-    assert compose_config(["method=ldmole"])["mole"]["lambda_init"] == "live"
-    assert compose_config(["method=ldmole_sparse_k2"])["mole"]["lambda_init"] == "live"
-    assert compose_config(["method=ldmole_reference"])["mole"]["lambda_init"] == "reference"
+    assert compose_config(["method=ldmole"]).mole.lambda_init == "live"
+    assert compose_config(["method=ldmole_sparse_k2"]).mole.lambda_init == "live"
+    assert compose_config(["method=ldmole_reference"]).mole.lambda_init == "reference"
     assert MoLEConfig().lambda_init == "live"
     with pytest.raises(ValueError, match="lambda_init='referense' is unknown.*did you mean 'reference'"):
         MoLEConfig(lambda_init="referense")
@@ -97,14 +97,14 @@ def test_methods_choose_the_lambda_initialisation():
 
 def test_model_files_set_mole_keys_under_the_method():
     config = compose_config(["model=llama3.1_8b", "method=ldmole"])
-    assert config["mole"]["lambda_hidden"] == 512 and config["mole"]["router"] == "sparsegen"
-    assert compose_config(["model=qwen3_1.7b", "method=ldmole"])["mole"].get("lambda_hidden", 256) == 256
-    assert compose_config(["model=llama3.1_8b", "mole.lambda_hidden=64"])["mole"]["lambda_hidden"] == 64
+    assert config.mole.lambda_hidden == 512 and config.mole.router == "sparsegen"
+    assert compose_config(["model=qwen3_1.7b", "method=ldmole"]).mole.lambda_hidden == 256
+    assert compose_config(["model=llama3.1_8b", "mole.lambda_hidden=64"]).mole.lambda_hidden == 64
 
 
 def test_sparsegen_fixed_runs_at_the_reference_constant():
     config = compose_config(["method=sparsegen_fixed", f"mole.fixed_lambda={REFERENCE_START}"])
-    model = get_mole_model(tiny_model("qwen3"), MoLEConfig(**config["mole"]))
+    model = get_mole_model(tiny_model("qwen3"), config.mole)
     model(input_ids=torch.tensor([[1, 2, 3]]))
     lam = routing_records(model)[0].lam
     torch.testing.assert_close(lam, torch.full_like(lam, REFERENCE_START))

@@ -15,7 +15,8 @@ from ldmole import RoutingRecord
 from ldmole.experiment.routing_stats import RoutingStats
 from ldmole.experiment.evaluation import classification_metrics, option_scores, qa_metrics
 from ldmole.experiment.run_config import compose_config
-from ldmole.experiment.trainer import _lr_factor, answer_positions
+from ldmole.experiment.setup import answer_positions
+from ldmole.experiment.trainer import _lr_factor
 from tests.conftest import REPO_ROOT, SHARED_DATA
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
@@ -41,19 +42,19 @@ def test_bad_config_fails_before_loading_and_names_the_problem(argument, message
 def test_compose_layers_defaults_model_task_method_and_overrides():
     config = compose_config(["model=tiny_llama", "task=rte", "method=mola_2468", "mole.r=4", "max_steps=7",
                              "mixed_precision=no"])
-    assert config["model_source"] == "random:llama" and config["task_name"] == "rte"
-    assert config["mole"]["router"] == "topk" and config["mole"]["num_experts"] == "2468" and config["mole"]["r"] == 4
-    assert config["max_steps"] == 7 and config["mixed_precision"] == "no"
-    assert config["output_dir"] == "runs/tiny_llama/rte/mola_2468/seed42"
-    assert compose_config(["model=llama3.1_8b"])["num_epochs"] == 3
+    assert config.backbone.model_source == "random:llama" and config.task == "rte"
+    assert config.mole.router == "topk" and config.mole.num_experts == "2468" and config.mole.r == 4
+    assert config.optim.max_steps == 7 and config.optim.mixed_precision == "no"
+    assert config.output_dir == "runs/tiny_llama/rte/mola_2468/seed42"
+    assert compose_config(["model=llama3.1_8b"]).optim.num_epochs == 3
 
 
 def test_baseline_methods_follow_their_codes_defaults():
     for method in ("mola_8888", "mola_2468"):
         config = compose_config([f"method={method}"])
-        assert config["lb_coef"] == 0.0 and config["lb_probs"] == "softmax", "MoLA trains without load balance"
-    assert compose_config(["method=ldmole"])["lb_probs"] == "weights"
-    assert compose_config(["method=remole"])["remole_l1"] == "balanced"
+        assert config.losses.lb_coef == 0.0 and config.losses.lb_probs == "softmax", "MoLA trains without load balance"
+    assert compose_config(["method=ldmole"]).losses.lb_probs == "weights"
+    assert compose_config(["method=remole"]).losses.remole_l1 == "balanced"
 
 
 def test_train_script_rejects_unknown_key_with_exit_code_2():
@@ -154,7 +155,7 @@ def test_remole_per_layer_experts_controller_steps_once_per_optimiser_step(tmp_p
                              "batch_size=4", "per_device_batch_size=2", "eval_batch_size=4", "max_steps=5",
                              "log_every=1", "mole.target_modules=[q_proj, down_proj]"])
     metrics = train(config)
-    assert metrics["steps"] == 5
+    assert metrics.steps == 5
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     coefs = [(e["step"], e["l1_coef"]) for e in log if "l1_coef" in e]
     assert [s for s, _ in coefs] == [1, 2, 3, 4, 5]

@@ -11,7 +11,7 @@ import torch
 from ldmole import MoLEConfig, get_mole_model, mole_parameters
 from ldmole.experiment.data import collate
 from ldmole.experiment.evaluation import option_scores
-from ldmole.experiment.trainer import SelectedLogits, _collate_with_index, _eval_collate, answer_positions, evaluate
+from ldmole.experiment.setup import SelectedLogits, answer_positions, eval_collate, evaluate, train_collate
 from tests.conftest import tiny_model
 
 LENGTHS = [5, 9, 3, 7]
@@ -52,7 +52,7 @@ def test_selected_logits_at_last_token_equal_the_stock_classifier_on_each_row_al
         with_random_mole(model, mole)
     gen = torch.Generator().manual_seed(1)
     batch = [{"input_ids": random_ids(n, gen), "label": 0, "example_index": i} for i, n in enumerate(LENGTHS)]
-    collated = _collate_with_index(batch, pad_token_id=0, kind="classification")
+    collated = train_collate(batch, pad_token_id=0, kind="classification")
     with torch.no_grad():
         got = SelectedLogits(model)(collated["input_ids"], collated["attention_mask"], collated["positions"])[:, 0]
         alone = torch.cat([model(input_ids=torch.tensor([f["input_ids"]])).logits for f in batch])
@@ -103,13 +103,14 @@ def test_evaluation_scores_options_at_the_last_prompt_position(family):
     for feature, answer in zip(batch, expected):
         feature["answer"] = answer
     loader = torch.utils.data.DataLoader(batch, batch_size=len(batch), collate_fn=partial(
-        _eval_collate, collate_fn=partial(_collate_with_index, pad_token_id=0, kind="qa"), kind="qa"))
+        eval_collate, pad_token_id=0, kind="qa"))
     AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=True)
     examples = [SimpleNamespace(category=None) for _ in batch]
     model.train()
     torch.manual_seed(0)
-    metrics = evaluate(accelerator, SelectedLogits(model), loader, "qa", "arc_c", examples)
+    metrics = evaluate(SelectedLogits(model), loader, "qa", "arc_c", examples, autocast=accelerator.autocast,
+                       gather=accelerator.gather_for_metrics)
     AcceleratorState._reset_state()
     assert model.training, "evaluate must put a model that was training back into training mode"
     assert metrics["num_examples"] == len(batch)

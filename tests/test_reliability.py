@@ -122,7 +122,7 @@ def test_short_last_step_of_an_epoch_matches_training_without_accumulation(tmp_p
     for per_device in (4, 2):
         out = tmp_path / f"per_device{per_device}"
         metrics = train(compose_config(base + [f"per_device_batch_size={per_device}", f"output_dir={out}"]))
-        assert metrics["steps"] == 6
+        assert metrics.steps == 6
         logs.append([json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"lr"' in x])
         weights.append(load_file(str(out / "adapter" / "adapter.safetensors")))
     for a, b in zip(*logs, strict=True):
@@ -137,7 +137,7 @@ def test_bf16_autocast_on_cpu_trains_with_finite_losses(tmp_path):
                                            f"output_dir={tmp_path}"]))
     log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines() if '"lr"' in x]
     assert len(log) == 2 and all(abs(e["task"]) < 1e3 and abs(e["lb"]) < 1e3 for e in log)
-    assert 1 <= metrics["routing"]["avg_active_experts"] <= 8
+    assert 1 <= metrics.routing["avg_active_experts"] <= 8
 
 
 def test_gradient_checkpointing_gives_same_losses_and_routing(tmp_path):
@@ -147,7 +147,7 @@ def test_gradient_checkpointing_gives_same_losses_and_routing(tmp_path):
         metrics = train(compose_config(TINY + ["method=ldmole", "max_steps=4", "log_every=2", "sparsity_coef=0.1",
                                                f"gradient_checkpointing={flag}", f"output_dir={out}"]))
         log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"lr"' in x]
-        results.append((log, metrics["routing"]))
+        results.append((log, metrics.routing))
     (log_a, routing_a), (log_b, routing_b) = results
     for a, b in zip(log_a, log_b, strict=True):
         for key in ("task", "lb", "sparsity"):

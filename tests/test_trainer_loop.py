@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ldmole.experiment.trainer as trainer
-from ldmole.experiment.run_config import compose_config
+from ldmole.experiment.run_config import OptimConfig, compose_config
 from ldmole.experiment.trainer import _epoch_order, _gradient_accumulation, task_loss, train
 from tests.conftest import SHARED_DATA
 
@@ -52,7 +52,7 @@ def test_epoch_order_is_a_seeded_permutation_that_changes_every_epoch():
 
 
 def test_gradient_accumulation_gives_the_global_batch_and_rejects_a_remainder():
-    config = {"batch_size": 16, "per_device_batch_size": 4}
+    config = OptimConfig(batch_size=16, per_device_batch_size=4)
     assert _gradient_accumulation(config, num_processes=1) == 4, "16 = 4 per device x 4 micro-batches"
     assert _gradient_accumulation(config, num_processes=2) == 2, "16 = 4 per device x 2 processes x 2 micro-batches"
     with pytest.raises(ValueError, match="batch_size=16 is not a multiple of per_device_batch_size=4 x 3 processes"):

@@ -1,6 +1,6 @@
 """How alive is the λ-MLP at initialisation? Hidden-unit activity and λ spread per layer on real text.
 
-    ldmole-probe-lambda model=smollm2_135m task=arc_e data_dir=../shared/data \
+    python -m ldmole.cli.probe_lambda model=smollm2_135m task=arc_e data_dir=../shared/data \
         [method=ldmole_reference] [mole.lambda_input_norm=rms] [--num-examples 16] [--json OUT.json]
 
 Builds the run's model exactly as train.py would (same composed config, same seed), runs the first
@@ -20,10 +20,9 @@ from typing import Optional
 import torch
 
 from ldmole import get_mole_model, mole_layers
-from ldmole.experiment.data import (collate, encode_classification, encode_qa, get_chat_format, load_task,
-                                    pad_token_id_for)
-from ldmole.experiment.models import load_base_model, load_tokenizer, resolve_model_source
-from ldmole.experiment.run_config import compose_config, mole_config_from
+from ldmole.experiment.data import collate
+from ldmole.experiment.run_config import compose_config
+from ldmole.experiment.setup import Encoder, build_base_model, load_run_task, load_run_tokenizer
 
 QUANTILES = (0.05, 0.5, 0.95)
 
@@ -75,29 +74,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from accelerate.utils import set_seed
-
-    task = load_task(config["task_name"], config.get("data_dir"), protocol=config["protocol"],
-                     selection_size=config.get("selection_size"), seed=int(config["seed"]), eval_only=True)
-    kind = task.spec.kind
-    tokenizer = load_tokenizer(str(config.get("tokenizer") or resolve_model_source(str(config["model_source"]))))
-    encode = encode_qa if kind == "qa" else encode_classification
-    chat_format = get_chat_format(config["chat_format"])
-    max_length = int(config.get("max_length") or task.spec.max_length)
-    features = [encode(e, tokenizer, chat_format, max_length, truncate=True) for e in task.evaluation[: args.num_examples]]
-    batches = [collate(features[i : i + args.batch_size], pad_token_id_for(tokenizer))
+    task = load_run_task(config, eval_only=True)
+    encoder = Encoder.for_run(config, task.spec, load_run_tokenizer(config))
+    features = encoder(task.evaluation[: args.num_examples], truncate=True)
+    batches = [collate(features[i : i + args.batch_size], encoder.pad_token_id)
                for i in range(0, len(features), args.batch_size)]
-    set_seed(int(config["seed"]))
-    model = load_base_model(config, "causal_lm" if kind == "qa" else "classification", tokenizer,
-                            num_labels=task.spec.num_labels or 2)
-    get_mole_model(model, mole_config_from(config)).eval()
+    model = build_base_model(config, task.spec, encoder.tokenizer)
+    get_mole_model(model, config.mole).eval()
     try:
         table = probe(model, batches)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    mole = mole_config_from(config)
-    print(f"{config['model']} · {config['task']} · {config['method']} (lambda_init={mole.lambda_init}, "
+    mole = config.mole
+    print(f"{config.model} · {config.task} · {config.method} (lambda_init={mole.lambda_init}, "
           f"lambda_input_norm={mole.lambda_input_norm}); {len(features)} examples")
     print(f"{'layer':>5} {'module':<10} {'input RMS':>9} {'active':>7}  λ q05 / q50 / q95")
     for (layer, module), row in table.items():

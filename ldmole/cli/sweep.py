@@ -1,6 +1,6 @@
 """Run a grid of models x tasks x methods x seeds, one run.sh launch per run.
 
-    ldmole-sweep --models llama3.2_3b --tasks arc_c,arc_e --methods ldmole,mola_8888 \\
+    python -m ldmole.cli.sweep --models llama3.2_3b --tasks arc_c,arc_e --methods ldmole,mola_8888 \\
         --seeds 42,43,44 --root runs/sweep [--dry-run] [key=value ...]
 
 Each run writes <root>/<model>/<task>/<method>/seed<seed>/ through `bash run.sh` (so single-GPU,
@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+from ldmole.experiment.data import TASKS
 from ldmole.experiment.run_config import available, compose_config, parse_overrides
 
 # Keys the sweep sets per run; an override of one of them would put every run in one folder.
@@ -64,9 +65,9 @@ class Job:
 
 
 def _names(text: str, kind: str) -> list[str]:
-    """A comma-separated list of config names, each checked against configs/<kind>/."""
+    """A comma-separated list of names, each checked against configs/<kind>/ (tasks: the task registry)."""
     names = [n.strip() for n in text.split(",") if n.strip()]
-    valid = available(kind)
+    valid = list(TASKS) if kind == "tasks" else available(kind)
     unknown = [n for n in names if n not in valid]
     if unknown:
         raise ValueError(f"unknown {kind[:-1]} {', '.join(map(repr, unknown))}; choose from {', '.join(valid)}")
@@ -88,7 +89,7 @@ def build_jobs(models: Sequence[str], tasks: Sequence[str], methods: Sequence[st
     if clash:
         raise ValueError(f"{', '.join(clash)} is set by the sweep for each run; "
                          "use --models/--tasks/--methods/--seeds/--root")
-    if "resume" not in parsed and "resume" in compose_config():
+    if "resume" not in parsed:
         overrides = ["resume=auto", *overrides]  # an interrupted run continues from its newest checkpoint, if any
     root = root.resolve()
     jobs = []
@@ -166,7 +167,7 @@ def main(argv: Optional[Sequence[str]] = None, out=sys.stdout, launch: Callable[
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", required=True, help="comma-separated configs/models names")
-    parser.add_argument("--tasks", required=True, help="comma-separated configs/tasks names")
+    parser.add_argument("--tasks", required=True, help="comma-separated task names (ldmole.experiment.data.TASKS)")
     parser.add_argument("--methods", required=True, help="comma-separated configs/methods names")
     parser.add_argument("--seeds", default="42", help="comma-separated seeds (default 42)")
     parser.add_argument("--root", type=Path, default=Path("runs"),

@@ -1,4 +1,4 @@
-"""Fine-tune one MoLE adapter: ldmole-train model=... task=... method=... [key=value ...]."""
+"""Fine-tune one MoLE adapter: python -m ldmole.cli.train model=... task=... method=... [key=value ...]."""
 
 from __future__ import annotations
 
@@ -7,13 +7,26 @@ import os
 import sys
 from typing import Optional
 
-from ldmole.experiment.run_config import compose_config
+from ldmole.experiment.run_config import available, compose_config, describe_keys
+
+
+def usage() -> str:
+    """The docstring, the model / task / method names and every key with its default and meaning."""
+    from ldmole.experiment.data import TASKS
+
+    lines = [__doc__, f"model:  {', '.join(available('models'))}", f"task:   {', '.join(TASKS)}",
+             f"method: {', '.join(available('methods'))}", "",
+             "Keys (default; model and method files may set their own values):"]
+    for key, default, help_text in describe_keys():
+        shown = "null" if default is None else default if isinstance(default, str) else json.dumps(default)
+        lines.append(f"  {key}={shown}\n      {help_text}")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in argv):
-        print(__doc__ + "\nKeys and defaults: configs/defaults.yaml; names: configs/{models,tasks,methods}/.")
+        print(usage())
         return 0
     try:
         config = compose_config(argv)
@@ -28,10 +41,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
-        summary = {k: metrics[k] for k in ("accuracy", "num_eval_examples", "best_epoch") if k in metrics}
-        summary["avg_active_experts"] = metrics.get("routing", {}).get("avg_active_experts")
-        print(json.dumps(summary))
-        print(f"outputs: {config['output_dir']}")
+        print(json.dumps({"accuracy": metrics.accuracy, "num_eval_examples": metrics.num_eval_examples,
+                          "best_epoch": metrics.best_epoch,
+                          "avg_active_experts": metrics.routing.get("avg_active_experts")}))
+        print(f"outputs: {config.output_dir}")
     return 0
 
 

@@ -8,6 +8,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .run_config import BackboneConfig
+
 __all__ = ["load_tokenizer", "load_base_model", "resolve_model_source"]
 
 RANDOM_FAMILIES = {"qwen3": "qwen3", "llama": "llama"}
@@ -77,7 +79,7 @@ def _random_model(family: str, random_init: dict[str, Any], kind: str, num_label
     return cls.from_config(config)
 
 
-def load_base_model(config: dict[str, Any], kind: str, tokenizer, num_labels: int = 2,
+def load_base_model(backbone: BackboneConfig, kind: str, tokenizer, num_labels: int = 2,
                     revision: Optional[str] = None) -> nn.Module:
     """The run's base model: a causal LM (``kind="causal_lm"``) or a sequence classifier.
 
@@ -86,10 +88,10 @@ def load_base_model(config: dict[str, Any], kind: str, tokenizer, num_labels: in
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    source = str(config["model_source"])
-    dtype = getattr(torch, str(config.get("torch_dtype") or "float32"))
+    source = backbone.model_source
+    dtype = getattr(torch, backbone.torch_dtype)
     if source.startswith("random:"):
-        model = _random_model(source.split(":", 1)[1], dict(config.get("random_init") or {}), kind, num_labels, tokenizer)
+        model = _random_model(source.split(":", 1)[1], dict(backbone.random_init), kind, num_labels, tokenizer)
         return model.to(dtype)
     source = resolve_model_source(source)
     cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification

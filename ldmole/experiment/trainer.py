@@ -1,7 +1,9 @@
 """The fine-tuning loop: data -> MoLE model -> AdamW steps with routing losses -> selection -> evaluation.
 
-Read top to bottom: ``train(config)`` is the whole run. ``accelerate`` handles devices, DDP,
-autocast and gradient accumulation; everything else is plain PyTorch.
+Read top to bottom: :func:`train` is the whole run; :class:`Trainer` holds what the loop changes,
+its methods in the order a run uses them. ``accelerate`` handles devices, DDP, autocast and gradient
+accumulation; everything else is plain PyTorch. The data and model set-up are shared with the
+routing plots and the λ probe (``setup.py``).
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,52 +25,24 @@ from torch.utils.data import DataLoader
 
 from ..core import losses
 from ..core.adapter_io import atomic_write, load_mole, save_mole
-from .routing_stats import RoutingStats
+from ..core.injection import get_mole_model, mole_parameters
+from ..core.records import RoutingRecord, routing_records
+from ..core.routers import aux_losses_of
 from .checkpointing import (latest_checkpoint, new_checkpoint_tmp, prune_checkpoints, rng_state, set_rng_state,
                             write_checkpoint)
-from .data import collate, encode_classification, encode_qa, get_chat_format, load_task, pad_token_id_for
 from .data.features import IGNORE_INDEX
-from .evaluation import classification_metrics, option_scores, qa_metrics
-from ..core.injection import get_mole_model, mole_parameters
-from .models import language_model_parts, load_base_model, load_tokenizer, resolve_model_source
-from ..core.records import routing_records
-from ..core.routers import aux_losses_of
-from .run_config import mole_config_from
+from .metrics import METRICS_NAME, RunMetrics
+from .routing_stats import RoutingStats
+from .run_config import OptimConfig, RunConfig
+from .setup import RunData, SelectedLogits, build_base_model, eval_loader, evaluate, load_run_data, train_collate
 
-__all__ = ["train", "SelectedLogits", "answer_positions", "task_loss", "NonFiniteLossError"]
+__all__ = ["train", "Trainer", "TrainState", "LossTerm", "routing_loss_terms", "task_loss", "NonFiniteLossError"]
 
-
-class SelectedLogits(nn.Module):
-    """Runs the decoder body and applies the head only at chosen positions (never the full vocab
-    logits of every position). ``positions [B, K]`` -> logits ``[B, K, out]``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.body, self.head = language_model_parts(model)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        return self.head(picked)
+LOSS_TERMS = ("task", "lb", "sparsity", "z", "l1")
 
 
-def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions [B, K], targets [B, K]) of the supervised tokens: position t predicts labels[t+1].
-
-    Computed on the host from the collated CPU labels; rows with fewer than K targets are padded
-    with position 0 and target IGNORE_INDEX.
-    """
-    shifted = labels[:, 1:]
-    supervised = shifted != IGNORE_INDEX
-    width = max(int(supervised.sum(1).max()), 1)
-    positions = torch.zeros(labels.shape[0], width, dtype=torch.long)
-    targets = torch.full((labels.shape[0], width), IGNORE_INDEX, dtype=torch.long)
-    for row in range(labels.shape[0]):
-        index = supervised[row].nonzero().flatten()
-        positions[row, : len(index)] = index
-        targets[row, : len(index)] = shifted[row, index]
-    return positions, targets
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf; the message names the term, the step and the last good checkpoint."""
 
 
 def task_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -77,29 +52,41 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: floa
                            label_smoothing=label_smoothing)
 
 
-def _encode_all(examples, kind: str, tokenizer, chat_format, max_length: int, truncate: bool) -> list[dict]:
-    """Token features of every example, each tagged with its index (to map gathered predictions back)."""
-    encode = encode_qa if kind == "qa" else encode_classification
-    features = []
-    for index, example in enumerate(examples):
-        item = encode(example, tokenizer, chat_format, max_length, truncate=truncate)
-        item["example_index"] = index
-        features.append(item)
-    return features
+@dataclass(frozen=True)
+class LossTerm:
+    """A routing loss a run adds to the task loss: its name in the log and ``coef · loss(records)``."""
+
+    name: str
+    coef: float
+    loss: Callable[[Sequence[RoutingRecord]], torch.Tensor]
 
 
-def _collate_with_index(batch: list[dict], pad_token_id: int, kind: str) -> dict:
-    """A padded batch plus the positions whose logits the loss needs and their targets (tensors only)."""
-    out = collate(batch, pad_token_id)
-    out["example_index"] = torch.tensor([item["example_index"] for item in batch], dtype=torch.long)
-    if kind == "qa":
-        out["positions"], out["targets"] = answer_positions(out["labels"])
-    else:
-        out["positions"] = out["last_token_index"].unsqueeze(1)
-        out["targets"] = out["label"].unsqueeze(1)
-    for key in ("uid", "category", "labels", "sequence_lengths"):
-        out.pop(key, None)
-    return out
+def _remole_l1(controller: losses.ReMoLEL1Controller, records: Sequence[RoutingRecord]) -> torch.Tensor:
+    """The controller's c·L1; every micro-batch also counts toward the step's measured sparsity."""
+    penalty = controller.penalty(records)
+    controller.observe(records)
+    return penalty
+
+
+def remole_controller(config: RunConfig) -> Optional[losses.ReMoLEL1Controller]:
+    """ReMoLE's adaptive L1 controller when the router takes the L1 term (ReLU), else None. Its target
+    sparsity is taken per module from each routing record's own expert count (specs like "2468")."""
+    if "l1" in aux_losses_of(config.mole.router):
+        return losses.ReMoLEL1Controller(config.mole.top_k, config.losses.remole_initial_coef,
+                                         config.losses.remole_rate, config.losses.remole_l1)
+    return None
+
+
+def routing_loss_terms(config: RunConfig, controller: Optional[losses.ReMoLEL1Controller]) -> list[LossTerm]:
+    """The routing losses the run's method adds (a zero coefficient leaves its term out)."""
+    settings = config.losses
+    terms = [LossTerm("lb", settings.lb_coef, partial(losses.load_balance_loss, probs=settings.lb_probs)),
+             LossTerm("sparsity", settings.sparsity_coef, partial(losses.sparsity_loss, k=settings.sparsity_k)),
+             LossTerm("z", settings.z_coef, losses.router_z_loss)]
+    terms = [term for term in terms if term.coef]
+    if controller is not None:
+        terms.append(LossTerm("l1", 1.0, partial(_remole_l1, controller)))  # the controller owns its coefficient
+    return terms
 
 
 def _lr_factor(step: int, steps_per_epoch: int, warmup: int, milestones: list[int], gamma: float) -> float:
@@ -109,56 +96,15 @@ def _lr_factor(step: int, steps_per_epoch: int, warmup: int, milestones: list[in
     return warm * gamma ** sum(1 for m in milestones if epoch >= m)
 
 
-def _gradient_accumulation(config: dict, num_processes: int) -> int:
+def _gradient_accumulation(optim: OptimConfig, num_processes: int) -> int:
     """Micro-batches per optimiser step so that the global batch is ``batch_size``."""
-    per_step = int(config["per_device_batch_size"]) * num_processes
-    if int(config["batch_size"]) % per_step:
+    per_step = optim.per_device_batch_size * num_processes
+    if optim.batch_size % per_step:
         raise ValueError(
-            f"batch_size={config['batch_size']} is not a multiple of per_device_batch_size="
-            f"{config['per_device_batch_size']} x {num_processes} processes; change either key"
+            f"batch_size={optim.batch_size} is not a multiple of per_device_batch_size="
+            f"{optim.per_device_batch_size} x {num_processes} processes; change either key"
         )
-    return int(config["batch_size"]) // per_step
-
-
-@torch.no_grad()
-def evaluate(accelerator, wrapped: nn.Module, loader: DataLoader, kind: str, task: str, examples,
-             stats: Optional[RoutingStats] = None) -> dict:
-    """Accuracy (and task metrics) of ``wrapped`` on ``loader``; optionally routing statistics."""
-    model = accelerator.unwrap_model(wrapped)
-    was_training = model.training
-    model.eval()
-    predictions, golds, indices = [], [], []
-    for batch in loader:
-        with accelerator.autocast():
-            logits = model(batch["input_ids"], batch["attention_mask"], batch["positions"])[:, 0].float()
-        if stats is not None:
-            stats.update(routing_records(model.model))
-        if kind == "qa":
-            scores = option_scores(logits, batch["option_token_ids"], batch["option_mask"])
-            gold = batch["answer"]
-        else:
-            scores, gold = logits, batch["label"]
-        pred, gold, index = accelerator.gather_for_metrics((scores.argmax(-1), gold, batch["example_index"]))
-        predictions.append(pred.cpu())
-        golds.append(gold.cpu())
-        indices.append(index.cpu())
-    model.train(was_training)
-    pred = torch.cat(predictions).numpy()
-    gold = torch.cat(golds).numpy()
-    index = torch.cat(indices).numpy()
-    if kind == "qa":
-        metrics = qa_metrics(pred, gold, [examples[i].category for i in index])
-    else:
-        metrics = classification_metrics(pred, gold, task)
-    metrics["num_examples"] = int(len(pred))
-    return metrics
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or inf; the message names the term, the step and the last good checkpoint."""
-
-
-LOSS_TERMS = ("task", "lb", "sparsity", "z", "l1")
+    return optim.batch_size // per_step
 
 
 def _epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
@@ -184,294 +130,6 @@ def _record_nonfinite_modules(model: nn.Module) -> list[str]:
     return seen
 
 
-def train(config: dict[str, Any]) -> dict[str, Any]:
-    """Runs one fine-tuning run described by a composed config; returns (and writes) its metrics.
-
-    Raises:
-        ValueError / FileNotFoundError: bad settings or data (before the model loads where possible).
-        NonFiniteLossError: a loss term went NaN/inf (every process raises; checkpoints stay good).
-    """
-    from accelerate import Accelerator, PartialState
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    started = time.time()
-    mole_config = mole_config_from(config)
-    # Built before the model loads so that bad remole_* settings fail early; its target sparsity is
-    # taken per module from each routing record's own expert count (per-layer specs such as "2468").
-    controller = None
-    if "l1" in aux_losses_of(mole_config.router):
-        controller = losses.ReMoLEL1Controller(mole_config.top_k, float(config["remole_initial_coef"]),
-                                               float(config["remole_rate"]), str(config["remole_l1"]))
-    # Without CUDA the processes of a torchrun / accelerate launch job talk over gloo on the CPU.
-    cpu = not torch.cuda.is_available()
-    state = PartialState(cpu=cpu)
-    AcceleratorState._reset_state()  # a second train() in one process may use another mixed precision
-    accumulation = _gradient_accumulation(config, state.num_processes)
-    report_to = None if config.get("report_to") in (None, "none") else config["report_to"]
-    output_dir = Path(config["output_dir"])
-    seed = int(config["seed"])
-    accelerator = Accelerator(cpu=cpu, mixed_precision=str(config["mixed_precision"]),
-                              gradient_accumulation_steps=accumulation, log_with=report_to, project_dir=str(output_dir))
-    set_seed(seed)
-    main = accelerator.is_main_process
-
-    # ---- data
-    task = load_task(config["task_name"], config.get("data_dir"), protocol=config["protocol"],
-                     selection_size=config.get("selection_size"), seed=seed,
-                     skip_bad_rows=bool(config["skip_bad_rows"]))
-    kind = task.spec.kind
-    tokenizer = load_tokenizer(str(config.get("tokenizer") or resolve_model_source(str(config["model_source"]))))
-    chat_format = get_chat_format(config["chat_format"])
-    max_length = int(config.get("max_length") or task.spec.max_length)
-    train_examples = list(task.train)
-    if config.get("train_max_examples"):
-        order = np.random.default_rng(seed).permutation(len(train_examples))
-        train_examples = [train_examples[i] for i in order[: int(config["train_max_examples"])]]
-    limit = config.get("eval_max_examples")
-    selection_examples = task.selection[: int(limit)] if limit else task.selection
-    eval_examples = task.evaluation[: int(limit)] if limit else task.evaluation
-    for name, examples in (("train", train_examples), ("selection", selection_examples), ("evaluation", eval_examples)):
-        if not examples:
-            raise ValueError(f"task {config['task']!r}: the {name} split is empty; check the files under "
-                             f"data_dir={config.get('data_dir')!r} (or lower eval_max_examples / train_max_examples)")
-    encode = partial(_encode_all, kind=kind, tokenizer=tokenizer, chat_format=chat_format, max_length=max_length,
-                     truncate=bool(config["truncate_long"]))
-    pad_id = pad_token_id_for(tokenizer)
-    collate_fn = partial(_collate_with_index, pad_token_id=pad_id, kind=kind)
-    train_features = encode(train_examples)
-    eval_collate = partial(_eval_collate, collate_fn=collate_fn, kind=kind)
-    # Loaders get their own generators: creating an iterator must not draw from the global RNG that
-    # dropout uses, or a resumed run would see other dropout masks than an uninterrupted one.
-    selection_loader = DataLoader(encode(selection_examples), batch_size=int(config["eval_batch_size"]),
-                                  collate_fn=eval_collate, generator=torch.Generator().manual_seed(seed))
-    eval_loader = DataLoader(encode(eval_examples), batch_size=int(config["eval_batch_size"]), collate_fn=eval_collate,
-                             generator=torch.Generator().manual_seed(seed))
-
-    def epoch_loader(epoch: int) -> DataLoader:
-        ordered = [train_features[i] for i in _epoch_order(len(train_features), seed, epoch)]
-        return accelerator.prepare_data_loader(DataLoader(ordered, batch_size=int(config["per_device_batch_size"]),
-                                                          collate_fn=collate_fn,
-                                                          generator=torch.Generator().manual_seed(seed + epoch)))
-
-    # ---- model
-    base = load_base_model(config, "causal_lm" if kind == "qa" else "classification", tokenizer,
-                           num_labels=task.spec.num_labels or 2)
-    get_mole_model(base, mole_config)
-    if config["gradient_checkpointing"]:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    wrapped = SelectedLogits(base)
-    wrapped.train()
-    trainable = list(mole_parameters(base).values())
-    optimizer = torch.optim.AdamW(trainable, lr=float(config["lr"]), weight_decay=float(config["weight_decay"]))
-    wrapped, optimizer, selection_loader, eval_loader = accelerator.prepare(wrapped, optimizer, selection_loader, eval_loader)
-    steps_per_epoch = math.ceil(math.ceil(len(train_features) / (int(config["per_device_batch_size"]) * accelerator.num_processes)) / accumulation)
-    total_steps = steps_per_epoch * int(config["num_epochs"])
-    if config.get("max_steps"):
-        total_steps = min(total_steps, int(config["max_steps"]))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-        _lr_factor, steps_per_epoch=steps_per_epoch, warmup=int(config["warmup_steps"]),
-        milestones=list(config["lr_milestones"]), gamma=float(config["lr_gamma"])))
-    log_path = output_dir / "log.jsonl"
-
-    # ---- state that a checkpoint carries
-    progress_state = {"step": 0, "epoch": 1, "batches_done": 0, "history": [],
-                      "best": {"accuracy": -1.0, "epoch": None, "state": None}}
-
-    def save_checkpoint() -> None:
-        check_finite()
-        tmp = new_checkpoint_tmp(output_dir, progress_state["step"]) if main else None
-        tmp = Path(broadcast_object(accelerator, str(tmp) if tmp else None))
-        torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
-        if main:
-            save_mole(base, tmp)
-            torch.save({"progress": progress_state, "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "controller": controller.state_dict() if controller is not None else None,
-                        "num_processes": accelerator.num_processes}, tmp / "trainer_state.pt")
-        accelerator.wait_for_everyone()
-        if main:
-            write_checkpoint(tmp, progress_state["step"])
-            prune_checkpoints(output_dir, int(config["keep_checkpoints"]))
-        accelerator.wait_for_everyone()
-
-    resume_from = None
-    if config.get("resume") == "auto":
-        resume_from = latest_checkpoint(output_dir)
-    elif config.get("resume"):
-        resume_from = Path(config["resume"])
-        if not (resume_from / "trainer_state.pt").is_file():
-            raise FileNotFoundError(f"resume={config['resume']!r}: no trainer_state.pt there; pass a "
-                                    f"{output_dir / 'checkpoints'}/step-N directory or resume=auto")
-    if resume_from is not None:
-        saved = torch.load(resume_from / "trainer_state.pt", weights_only=False)
-        if saved["num_processes"] != accelerator.num_processes:
-            raise ValueError(f"resume: {resume_from} was written by {saved['num_processes']} processes but this run "
-                             f"has {accelerator.num_processes}; resume with the same number of processes")
-        load_mole(base, resume_from)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if controller is not None:
-            controller.load_state_dict(saved["controller"])
-        progress_state = saved["progress"]
-        set_rng_state(torch.load(resume_from / f"rng_rank{accelerator.process_index}.pt", weights_only=False))
-        if main and log_path.exists():  # drop log lines written after the checkpoint
-            kept = [line for line in log_path.read_text().splitlines()
-                    if json.loads(line).get("step", 0) <= progress_state["step"]]
-            atomic_write(log_path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None and log_path.exists():
-            log_path.unlink()  # a fresh start: the log of an earlier attempt would interleave with this one
-        atomic_write(output_dir / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False)))
-    if report_to:
-        accelerator.init_trackers("ldmole", config={k: str(v) for k, v in config.items()})
-
-    # ---- non-finite detection: device-side first-bad-step flags, read only at log/checkpoint/epoch points
-    first_bad = torch.full((len(LOSS_TERMS),), -1, dtype=torch.long, device=accelerator.device)
-    debug = bool(config["debug_nonfinite"])
-    bad_modules = _record_nonfinite_modules(base) if debug else []
-
-    def check_finite() -> None:
-        flags = accelerator.reduce(first_bad, "max").tolist()
-        bad = {name: s for name, s in zip(LOSS_TERMS, flags) if s >= 0}
-        if not bad:
-            return
-        first = min(bad.values())
-        latest = latest_checkpoint(output_dir)
-        message = (f"non-finite loss at step {first}: component(s) {sorted(n for n, s in bad.items() if s == first)} "
-                   f"became NaN/inf; last good checkpoint: {latest or 'none'} (resume=auto restarts from it). "
-                   "Lower lr, enable grad clipping, or rerun with debug_nonfinite=true to find the first bad module")
-        if bad_modules:
-            message += f"; first module with a non-finite output: {bad_modules[0]}"
-        raise NonFiniteLossError(message)
-
-    # ---- loop
-    step = progress_state["step"]
-    running: dict[str, torch.Tensor] = {}
-    running_micro = 0  # micro-batches summed into `running` since the last log line
-    progress = tqdm(total=total_steps, initial=step, disable=not main, desc=f"{config['method']} {config['task']}")
-    num_epochs = int(config["num_epochs"])
-    save_every = int(config.get("save_every") or 0)
-    while progress_state["epoch"] <= num_epochs and step < total_steps:
-        epoch = progress_state["epoch"]
-        loader = epoch_loader(epoch)
-        micro_per_epoch = len(loader)  # per process; the last optimiser step of an epoch may get fewer than `accumulation`
-        if progress_state["batches_done"]:
-            loader = accelerator.skip_first_batches(loader, progress_state["batches_done"])
-        for batch in loader:
-            with accelerator.accumulate(wrapped):
-                logits = wrapped(batch["input_ids"], batch["attention_mask"], batch["positions"])
-                records = routing_records(base)
-                terms = {"task": task_loss(logits, batch["targets"], float(config["label_smoothing"]))}
-                if float(config["lb_coef"]):
-                    terms["lb"] = float(config["lb_coef"]) * losses.load_balance_loss(
-                        records, probs=str(config["lb_probs"]))
-                if float(config["sparsity_coef"]):
-                    terms["sparsity"] = float(config["sparsity_coef"]) * losses.sparsity_loss(records, int(config["sparsity_k"]))
-                if float(config["z_coef"]):
-                    terms["z"] = float(config["z_coef"]) * losses.router_z_loss(records)
-                if controller is not None:
-                    terms["l1"] = controller.penalty(records)
-                    controller.observe(records)  # every micro-batch counts toward the step's sparsity
-                for i, name in enumerate(LOSS_TERMS):
-                    if name in terms:
-                        nonfinite = ~torch.isfinite(terms[name].detach())
-                        first_bad[i] = torch.where(nonfinite & (first_bad[i] < 0), step + 1, first_bad[i])
-                loss = sum(terms.values())
-                # accelerate divides by `accumulation`; a short last step of the epoch is rescaled so that
-                # its gradient is the mean over the micro-batches it has, like every full step.
-                step_start = progress_state["batches_done"] - progress_state["batches_done"] % accumulation
-                in_step = min(accumulation, micro_per_epoch - step_start)
-                accelerator.backward(loss * (accumulation / in_step))
-                for name, value in terms.items():
-                    running[name] = running.get(name, 0.0) + value.detach()
-                running_micro += 1
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, float(config["grad_clip"]))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if accelerator.sync_gradients:
-                    step_lr = scheduler.get_last_lr()[0]  # the lr this optimiser step used (logged below)
-                    scheduler.step()
-                    if controller is not None:
-                        controller.update(reduce=lambda gap: accelerator.reduce(gap, "mean"))
-            progress_state["batches_done"] += 1
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress_state["step"] = step
-            progress.update(1)
-            if debug:
-                check_finite()
-            if step % int(config["log_every"]) == 0 or step == total_steps:
-                check_finite()
-                entry = {"step": step, "epoch": epoch, "lr": step_lr}
-                entry.update({k: float(accelerator.reduce(v, "mean")) / running_micro for k, v in running.items()})
-                if controller is not None:
-                    entry["l1_coef"] = float(controller.coefficient)
-                running, running_micro = {}, 0
-                progress.set_postfix(loss=f"{sum(v for k, v in entry.items() if k in LOSS_TERMS):.4f}")
-                if main:
-                    with open(log_path, "a") as handle:
-                        handle.write(json.dumps(entry) + "\n")
-                if report_to:
-                    accelerator.log(entry, step=step)
-            if step >= total_steps:
-                break
-            if save_every and step % save_every == 0:
-                save_checkpoint()
-        check_finite()
-        selection = evaluate(accelerator, wrapped, selection_loader, kind, config["task"], selection_examples)
-        progress_state["history"].append({"epoch": epoch, "step": step, "selection_accuracy": selection["accuracy"]})
-        if main:
-            with open(log_path, "a") as handle:
-                handle.write(json.dumps({"epoch_end": epoch, "step": step, "selection": selection}) + "\n")
-        if selection["accuracy"] > progress_state["best"]["accuracy"]:
-            progress_state["best"] = {"accuracy": selection["accuracy"], "epoch": epoch,
-                                      "state": {k: v.detach().cpu().clone() for k, v in mole_parameters(base).items()}}
-        if main and epoch in list(config.get("save_epoch_adapters") or []):
-            save_mole(base, output_dir / f"adapter_epoch{epoch}")
-        progress_state["epoch"], progress_state["batches_done"] = epoch + 1, 0
-        if save_every and step < total_steps:
-            save_checkpoint()
-    progress.close()
-
-    # ---- best epoch -> evaluation split, routing statistics, outputs
-    best = progress_state["best"]
-    with torch.no_grad():
-        for name, param in mole_parameters(base).items():
-            param.copy_(best["state"][name])
-    stats = RoutingStats()
-    final = evaluate(accelerator, wrapped, eval_loader, kind, config["task"], eval_examples, stats=stats)
-    routing = stats.summary(reduce=lambda t: accelerator.reduce(t, "sum"))
-    metrics = {
-        **{k: v for k, v in final.items() if k != "num_examples"},
-        "num_eval_examples": final["num_examples"],
-        "num_train_examples": len(train_examples),
-        "eval_split": "validation" if config["protocol"] == "reference" else task.spec.eval_split,
-        "protocol": config["protocol"],
-        "best_epoch": best["epoch"],
-        "best_selection_accuracy": best["accuracy"],
-        "history": progress_state["history"],
-        "steps": step,
-        "skipped_rows": task.skipped,
-        "routing": routing,
-        "model": config["model"], "task": config["task"], "method": config["method"], "seed": config["seed"],
-        "resumed_from": str(resume_from) if resume_from else None,
-        "wall_time_s": round(time.time() - started, 1),
-        "num_processes": accelerator.num_processes,
-    }
-    if main:
-        save_mole(base, output_dir / "adapter")
-        atomic_write(output_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
-    if report_to:
-        accelerator.end_training()
-    accelerator.wait_for_everyone()
-    return metrics
-
-
 def broadcast_object(accelerator, value):
     """``value`` from the main process on every process."""
     if accelerator.num_processes == 1:
@@ -481,9 +139,316 @@ def broadcast_object(accelerator, value):
     return broadcast_object_list([value])[0]
 
 
-def _eval_collate(batch: list[dict], collate_fn, kind: str) -> dict:
-    """Evaluation batches score the last prompt position only."""
-    out = collate_fn(batch)
-    if kind == "qa":
-        out["positions"] = out["last_prompt_index"].unsqueeze(1)
-    return out
+def make_accelerator(config: RunConfig):
+    """An ``Accelerator`` for the run: gradient accumulation from the batch sizes, CPU (gloo) without CUDA."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
+
+    cpu = not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    AcceleratorState._reset_state()  # a second train() in one process may use another mixed precision
+    report_to = None if config.logging.report_to == "none" else config.logging.report_to
+    return Accelerator(cpu=cpu, mixed_precision=config.optim.mixed_precision,
+                       gradient_accumulation_steps=_gradient_accumulation(config.optim, state.num_processes),
+                       log_with=report_to, project_dir=str(config.output_dir))
+
+
+@dataclass
+class TrainState:
+    """Where a run is (what a checkpoint carries besides weights, optimiser, scheduler and RNG)."""
+
+    step: int = 0
+    epoch: int = 1
+    batches_done: int = 0  # micro-batches of ``epoch`` consumed on this process
+    history: list[dict] = field(default_factory=list)  # per epoch: epoch, step, selection_accuracy
+    best_accuracy: float = -1.0
+    best_epoch: Optional[int] = None
+    best_state: Optional[dict[str, torch.Tensor]] = None  # MoLE parameters (CPU) of the best epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values for ``torch.save``."""
+        return {"step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
+                "history": list(self.history), "best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch,
+                "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` returned."""
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
+def train(config: RunConfig) -> RunMetrics:
+    """Runs one fine-tuning run described by a composed config; returns (and writes) its metrics.
+
+    Raises:
+        ValueError / FileNotFoundError: bad settings or data (before the model loads where possible).
+        NonFiniteLossError: a loss term went NaN/inf (every process raises; checkpoints stay good).
+    """
+    started = time.time()
+    controller = remole_controller(config)  # built before the model loads: bad remole_* settings fail early
+    accelerator = make_accelerator(config)
+    data = load_run_data(config)
+    base = build_base_model(config, data.task.spec, data.encoder.tokenizer)
+    get_mole_model(base, config.mole)
+    if config.optim.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer = Trainer(config, accelerator, data, base, routing_loss_terms(config, controller), controller)
+    resumed_from = trainer.resume_or_start()
+    trainer.fit()
+    return trainer.finish(time.time() - started, resumed_from)
+
+
+class Trainer:
+    """The model, optimiser, loaders and :class:`TrainState` of one run, and the loop over them."""
+
+    def __init__(self, config: RunConfig, accelerator, data: RunData, base: nn.Module, terms: list[LossTerm],
+                 controller: Optional[losses.ReMoLEL1Controller]) -> None:
+        self.config, self.accelerator, self.data, self.base = config, accelerator, data, base
+        self.terms, self.controller = terms, controller
+        self.main = accelerator.is_main_process
+        self.output_dir = Path(config.output_dir)
+        self.log_path = self.output_dir / "log.jsonl"
+        optim, encoder = config.optim, data.encoder
+        self.train_features = encoder(data.train_examples, truncate=config.data.truncate_long)
+        loaders = [eval_loader(encoder(examples, truncate=config.data.truncate_long), optim.eval_batch_size,
+                               encoder.pad_token_id, encoder.kind, config.seed)
+                   for examples in (data.selection_examples, data.eval_examples)]
+        wrapped = SelectedLogits(base)
+        wrapped.train()
+        self.trainable = list(mole_parameters(base).values())
+        optimizer = torch.optim.AdamW(self.trainable, lr=optim.lr, weight_decay=optim.weight_decay)
+        self.wrapped, self.optimizer, self.selection_loader, self.eval_loader = accelerator.prepare(
+            wrapped, optimizer, *loaders)
+        accumulation = accelerator.gradient_accumulation_steps
+        micro_batches = math.ceil(len(self.train_features) / (optim.per_device_batch_size * accelerator.num_processes))
+        self.steps_per_epoch = math.ceil(micro_batches / accumulation)
+        self.total_steps = self.steps_per_epoch * optim.num_epochs
+        if optim.max_steps:
+            self.total_steps = min(self.total_steps, optim.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
+            _lr_factor, steps_per_epoch=self.steps_per_epoch, warmup=optim.warmup_steps,
+            milestones=list(optim.lr_milestones), gamma=optim.lr_gamma))
+        self.state = TrainState()
+        # Non-finite detection: device-side first-bad-step flags, read only at log/checkpoint/epoch points.
+        self.first_bad = torch.full((len(LOSS_TERMS),), -1, dtype=torch.long, device=accelerator.device)
+        self.bad_modules = _record_nonfinite_modules(base) if config.logging.debug_nonfinite else []
+        self.running: dict[str, torch.Tensor] = {}
+        self.running_micro = 0  # micro-batches summed into `running` since the last log line
+
+    def epoch_loader(self, epoch: int) -> DataLoader:
+        """The training batches of ``epoch`` in its seeded order (own generator: see ``eval_loader``)."""
+        seed, encoder = self.config.seed, self.data.encoder
+        ordered = [self.train_features[i] for i in _epoch_order(len(self.train_features), seed, epoch)]
+        return self.accelerator.prepare_data_loader(DataLoader(
+            ordered, batch_size=self.config.optim.per_device_batch_size,
+            collate_fn=partial(train_collate, pad_token_id=encoder.pad_token_id, kind=encoder.kind),
+            generator=torch.Generator().manual_seed(seed + epoch)))
+
+    def resume_or_start(self) -> Optional[Path]:
+        """Restores the checkpoint ``resume`` names (returned), or starts afresh; writes config.yaml."""
+        resume, resume_from = self.config.logging.resume, None
+        if resume == "auto":
+            resume_from = latest_checkpoint(self.output_dir)
+        elif resume:
+            resume_from = Path(resume)
+            if not (resume_from / "trainer_state.pt").is_file():
+                raise FileNotFoundError(f"resume={resume!r}: no trainer_state.pt there; pass a "
+                                        f"{self.output_dir / 'checkpoints'}/step-N directory or resume=auto")
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        if self.main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if resume_from is None and self.log_path.exists():
+                self.log_path.unlink()  # a fresh start: the log of an earlier attempt would interleave with this one
+            text = yaml.safe_dump(self.config.to_flat(), sort_keys=False)
+            atomic_write(self.output_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+        if self.config.logging.report_to != "none":
+            self.accelerator.init_trackers("ldmole", config={k: str(v) for k, v in self.config.to_flat().items()})
+        return resume_from
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Adapter, optimiser, scheduler, controller, train state and this process's RNG from ``directory``."""
+        accelerator = self.accelerator
+        saved = torch.load(directory / "trainer_state.pt", weights_only=False)
+        if saved["num_processes"] != accelerator.num_processes:
+            raise ValueError(f"resume: {directory} was written by {saved['num_processes']} processes but this run "
+                             f"has {accelerator.num_processes}; resume with the same number of processes")
+        load_mole(self.base, directory)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if self.controller is not None:
+            self.controller.load_state_dict(saved["controller"])
+        self.state.load_state_dict(saved["progress"])
+        set_rng_state(torch.load(directory / f"rng_rank{accelerator.process_index}.pt", weights_only=False))
+        if self.main and self.log_path.exists():  # drop log lines written after the checkpoint
+            kept = [line for line in self.log_path.read_text().splitlines()
+                    if json.loads(line).get("step", 0) <= self.state.step]
+            atomic_write(self.log_path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
+
+    def save_checkpoint(self) -> None:
+        """Writes ``checkpoints/step-N`` atomically (after checking that no loss went non-finite)."""
+        self.check_finite()
+        accelerator, step = self.accelerator, self.state.step
+        tmp = new_checkpoint_tmp(self.output_dir, step) if self.main else None
+        tmp = Path(broadcast_object(accelerator, str(tmp) if tmp else None))
+        torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
+        if self.main:
+            save_mole(self.base, tmp)
+            torch.save({"progress": self.state.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
+                        "controller": self.controller.state_dict() if self.controller is not None else None,
+                        "num_processes": accelerator.num_processes}, tmp / "trainer_state.pt")
+        accelerator.wait_for_everyone()
+        if self.main:
+            write_checkpoint(tmp, step)
+            prune_checkpoints(self.output_dir, self.config.logging.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    def check_finite(self) -> None:
+        """Raises :class:`NonFiniteLossError` when a loss term went NaN/inf on any process (a host sync)."""
+        flags = self.accelerator.reduce(self.first_bad, "max").tolist()
+        bad = {name: s for name, s in zip(LOSS_TERMS, flags) if s >= 0}
+        if not bad:
+            return
+        first = min(bad.values())
+        latest = latest_checkpoint(self.output_dir)
+        message = (f"non-finite loss at step {first}: component(s) {sorted(n for n, s in bad.items() if s == first)} "
+                   f"became NaN/inf; last good checkpoint: {latest or 'none'} (resume=auto restarts from it). "
+                   "Lower lr, enable grad clipping, or rerun with debug_nonfinite=true to find the first bad module")
+        if self.bad_modules:
+            message += f"; first module with a non-finite output: {self.bad_modules[0]}"
+        raise NonFiniteLossError(message)
+
+    def fit(self) -> None:
+        """Epochs until ``num_epochs`` or ``total_steps``; each ends with selection and bookkeeping."""
+        from tqdm.auto import tqdm
+
+        config, state = self.config, self.state
+        self.progress = tqdm(total=self.total_steps, initial=state.step, disable=not self.main,
+                             desc=f"{config.method} {config.task}")
+        while state.epoch <= config.optim.num_epochs and state.step < self.total_steps:
+            self.train_epoch(state.epoch)
+            self.end_epoch(state.epoch)
+        self.progress.close()
+
+    def train_epoch(self, epoch: int) -> None:
+        """The optimiser steps of ``epoch`` from where the state says it is (mid-epoch after a resume)."""
+        accelerator, state, accumulation = self.accelerator, self.state, self.accelerator.gradient_accumulation_steps
+        save_every = self.config.logging.save_every
+        loader = self.epoch_loader(epoch)
+        micro_per_epoch = len(loader)  # per process; the last optimiser step of an epoch may get fewer than `accumulation`
+        if state.batches_done:
+            loader = accelerator.skip_first_batches(loader, state.batches_done)
+        for batch in loader:
+            # accelerate divides by `accumulation`; a short last step of the epoch is rescaled so that
+            # its gradient is the mean over the micro-batches it has, like every full step.
+            step_start = state.batches_done - state.batches_done % accumulation
+            in_step = min(accumulation, micro_per_epoch - step_start)
+            with accelerator.accumulate(self.wrapped):
+                self.micro_step(batch, loss_scale=accumulation / in_step)
+            state.batches_done += 1
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            self.progress.update(1)
+            if self.config.logging.debug_nonfinite:
+                self.check_finite()
+            if state.step % self.config.logging.log_every == 0 or state.step == self.total_steps:
+                self.log_step(epoch)
+            if state.step >= self.total_steps:
+                break
+            if save_every and state.step % save_every == 0:
+                self.save_checkpoint()
+
+    def micro_step(self, batch: dict, loss_scale: float) -> None:
+        """Forward, loss terms, backward of one micro-batch; the optimiser steps when accelerate syncs."""
+        accelerator = self.accelerator
+        logits = self.wrapped(batch["input_ids"], batch["attention_mask"], batch["positions"])
+        records = routing_records(self.base)
+        values = {"task": task_loss(logits, batch["targets"], self.config.optim.label_smoothing)}
+        for term in self.terms:
+            values[term.name] = term.coef * term.loss(records)
+        for i, name in enumerate(LOSS_TERMS):
+            if name in values:
+                nonfinite = ~torch.isfinite(values[name].detach())
+                self.first_bad[i] = torch.where(nonfinite & (self.first_bad[i] < 0), self.state.step + 1,
+                                                self.first_bad[i])
+        accelerator.backward(sum(values.values()) * loss_scale)
+        for name, value in values.items():
+            self.running[name] = self.running.get(name, 0.0) + value.detach()
+        self.running_micro += 1
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(self.trainable, self.config.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            self.step_lr = self.scheduler.get_last_lr()[0]  # the lr this optimiser step used (logged)
+            self.scheduler.step()
+            if self.controller is not None:
+                self.controller.update(reduce=lambda gap: accelerator.reduce(gap, "mean"))
+
+    def log_step(self, epoch: int) -> None:
+        """One log.jsonl line: the step's lr and each loss term's mean since the previous line."""
+        self.check_finite()
+        accelerator = self.accelerator
+        entry = {"step": self.state.step, "epoch": epoch, "lr": self.step_lr}
+        entry.update({k: float(accelerator.reduce(v, "mean")) / self.running_micro for k, v in self.running.items()})
+        if self.controller is not None:
+            entry["l1_coef"] = float(self.controller.coefficient)
+        self.running, self.running_micro = {}, 0
+        self.progress.set_postfix(loss=f"{sum(v for k, v in entry.items() if k in LOSS_TERMS):.4f}")
+        if self.main:
+            with open(self.log_path, "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+        if self.config.logging.report_to != "none":
+            accelerator.log(entry, step=self.state.step)
+
+    def end_epoch(self, epoch: int) -> None:
+        """Selection accuracy, the best epoch's parameters, epoch adapters, and a checkpoint."""
+        self.check_finite()
+        state, accelerator = self.state, self.accelerator
+        selection = evaluate(accelerator.unwrap_model(self.wrapped), self.selection_loader, self.data.encoder.kind,
+                             self.config.task, self.data.selection_examples, autocast=accelerator.autocast,
+                             gather=accelerator.gather_for_metrics)
+        state.history.append({"epoch": epoch, "step": state.step, "selection_accuracy": selection["accuracy"]})
+        if self.main:
+            with open(self.log_path, "a") as handle:
+                handle.write(json.dumps({"epoch_end": epoch, "step": state.step, "selection": selection}) + "\n")
+        if selection["accuracy"] > state.best_accuracy:
+            state.best_accuracy, state.best_epoch = selection["accuracy"], epoch
+            state.best_state = {k: v.detach().cpu().clone() for k, v in mole_parameters(self.base).items()}
+        if self.main and epoch in self.config.logging.save_epoch_adapters:
+            save_mole(self.base, self.output_dir / f"adapter_epoch{epoch}")
+        state.epoch, state.batches_done = epoch + 1, 0
+        if self.config.logging.save_every and state.step < self.total_steps:
+            self.save_checkpoint()
+
+    def finish(self, elapsed_s: float, resumed_from: Optional[Path]) -> RunMetrics:
+        """Loads the best epoch, scores the evaluation split with routing statistics, writes the outputs."""
+        config, state, accelerator = self.config, self.state, self.accelerator
+        with torch.no_grad():
+            for name, param in mole_parameters(self.base).items():
+                param.copy_(state.best_state[name])
+        stats = RoutingStats()
+        model = accelerator.unwrap_model(self.wrapped)
+        final = evaluate(model, self.eval_loader, self.data.encoder.kind, config.task, self.data.eval_examples,
+                         autocast=accelerator.autocast, gather=accelerator.gather_for_metrics,
+                         observe=lambda batch: stats.update(routing_records(model.model)))
+        task = self.data.task
+        metrics = RunMetrics(
+            **{k: v for k, v in final.items() if k != "num_examples"},
+            num_eval_examples=final["num_examples"], num_train_examples=len(self.data.train_examples),
+            eval_split="validation" if config.data.protocol == "reference" else task.spec.eval_split,
+            protocol=config.data.protocol, best_epoch=state.best_epoch, best_selection_accuracy=state.best_accuracy,
+            history=state.history, steps=state.step, skipped_rows=task.skipped,
+            routing=stats.summary(reduce=lambda t: accelerator.reduce(t, "sum")),
+            model=config.model, task=config.task, method=config.method, seed=config.seed,
+            resumed_from=str(resumed_from) if resumed_from else None, wall_time_s=round(elapsed_s, 1),
+            num_processes=accelerator.num_processes)
+        if self.main:
+            save_mole(self.base, self.output_dir / "adapter")
+            atomic_write(self.output_dir / METRICS_NAME, lambda tmp: Path(tmp).write_text(metrics.to_json()))
+        if config.logging.report_to != "none":
+            accelerator.end_training()
+        accelerator.wait_for_everyone()
+        return metrics

@@ -24,6 +24,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import yaml
 
+from ..experiment.metrics import METRICS_NAME, RunMetrics
+
 __all__ = ["TASK_COLUMNS", "METHOD_LABELS", "PUBLISHED", "FULL_EVAL_SIZES", "RunResult", "Cell", "ModelTable",
            "collect_runs", "build_tables", "format_markdown", "write_tables"]
 
@@ -152,18 +154,16 @@ class ModelTable:
 
 
 def _read_run(path: Path) -> RunResult:
-    metrics = json.loads(path.read_text())
-    for key in ("model", "task", "method", "seed", "accuracy"):
-        if key not in metrics:
-            raise ValueError(f"{path} has no {key!r}; is it a metrics.json written by ldmole.trainer?")
+    """One run from its metrics.json (the trainer's ``RunMetrics``) and the config.yaml beside it."""
+    metrics = RunMetrics.read(path)
     config_path = path.parent / "config.yaml"
     config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
     return RunResult(
-        path=path.parent, model=str(metrics["model"]), task=str(metrics["task"]), method=str(metrics["method"]),
-        seed=int(metrics["seed"]), accuracy=100.0 * float(metrics["accuracy"]),  # metrics.json stores a fraction
-        num_eval_examples=metrics.get("num_eval_examples"),
-        avg_active_experts=(metrics.get("routing") or {}).get("avg_active_experts"),
-        protocol=metrics.get("protocol"), config=config if isinstance(config, dict) else {},
+        path=path.parent, model=str(metrics.model), task=str(metrics.task), method=str(metrics.method),
+        seed=int(metrics.seed), accuracy=100.0 * float(metrics.accuracy),  # metrics.json stores a fraction
+        num_eval_examples=metrics.num_eval_examples,
+        avg_active_experts=(metrics.routing or {}).get("avg_active_experts"),
+        protocol=metrics.protocol, config=config if isinstance(config, dict) else {},
     )
 
 
@@ -178,7 +178,7 @@ def collect_runs(root: Union[str, Path]) -> list[RunResult]:
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"{root} does not exist; pass the folder that holds the runs (e.g. runs/)")
-    runs = [_read_run(path) for path in sorted(root.rglob("metrics.json"))]
+    runs = [_read_run(path) for path in sorted(root.rglob(METRICS_NAME))]
     seen: dict[tuple, Path] = {}
     for run in runs:
         key = (run.model, run.task, run.method, run.seed)
