@@ -79,7 +79,7 @@ def test_short_bf16_training_run_on_gpu(tmp_path):
                              "mixed_precision=bf16", "max_steps=6", "train_max_examples=48",
                              "eval_max_examples=16", "log_every=2"])
     metrics = train(config)
-    assert metrics["steps"] == 6 and metrics["num_eval_examples"] == 16
+    assert metrics.steps == 6 and metrics.num_eval_examples == 16
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if "task" in line]
     assert all(torch.isfinite(torch.tensor(entry["task"])) for entry in log)
-    assert metrics["routing"]["lambda"]["quantiles"]["q95"] > metrics["routing"]["lambda"]["quantiles"]["q05"]
+    assert metrics.routing["lambda"]["quantiles"]["q95"] > metrics.routing["lambda"]["quantiles"]["q05"]

@@ -10,32 +10,29 @@ import torch
 
 from ldmole import MoLEConfig, get_mole_model, mole_parameters
 from ldmole.experiment.adapter_info import AdapterInfo, model_card
+from ldmole.experiment.data import get_task
 from ldmole.experiment.models import load_base_model, load_tokenizer
 from ldmole.experiment.peft_export import export_peft_lora
 from ldmole.experiment.pretrained import from_pretrained, push_to_hub, save_adapter
+from ldmole.experiment.run_config import RunConfig, compose_config
 from tests.conftest import SHARED_DATA, tiny_model
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
-RANDOM_INIT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
 
 
-def run_config(**overrides) -> dict:
-    """The parts of a composed run config that describe the base model of a tiny random Qwen3 run."""
-    return {"model_source": "random:qwen3", "model": "tiny_qwen3", "torch_dtype": "float32", "random_init": RANDOM_INIT,
-            "tokenizer": str(SHARED_DATA / "tokenizers" / "qwen3"), "method": "ldmole", "task": "arc_e",
-            "chat_format": "qwen3", "seed": 7, **overrides}
+def tiny_run_config(*overrides: str) -> RunConfig:
+    """The composed config of a tiny random Qwen3 run on ARC-Easy."""
+    return compose_config(["model=tiny_qwen3", "task=arc_e", f"tokenizer={SHARED_DATA}/tokenizers/qwen3", "seed=7",
+                           *overrides])
 
 
-def trained_tiny_model(config: dict, router: str = "sparsegen", kind: str = "causal_lm"):
-    """A tiny random base built as the trainer builds it (seeded), with perturbed adapter weights."""
+def trained_tiny_model(config: RunConfig, router: str = "sparsegen"):
+    """The run's tiny random base built as the trainer builds it (seeded), with perturbed adapter weights."""
     from accelerate.utils import set_seed
 
-    tokenizer = load_tokenizer(config["tokenizer"])
-    set_seed(config["seed"])
-    model = load_base_model(config, kind, tokenizer, num_labels=3)
-    mole = MoLEConfig(router=router, num_experts=1 if router == "lora" else 4, r=4)
-    get_mole_model(model, mole)
+    set_seed(config.seed)
+    model = load_base_model(config.backbone, "causal_lm", load_tokenizer(config.backbone.tokenizer))
+    get_mole_model(model, MoLEConfig(router=router, num_experts=1 if router == "lora" else 4, r=4))
     with torch.no_grad():
         for p in mole_parameters(model).values():
             p.add_(torch.randn_like(p) * 0.05)
@@ -44,12 +41,12 @@ def trained_tiny_model(config: dict, router: str = "sparsegen", kind: str = "cau
 
 @needs_data
 def test_from_pretrained_rebuilds_base_and_adapter_from_the_folder_alone(tmp_path):
-    config = run_config()
+    config = tiny_run_config()
     model = trained_tiny_model(config)
     ids = torch.tensor([[5, 9, 200, 31, 7]])
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    info = AdapterInfo.from_run(config, "causal_lm", None, model)
+    info = AdapterInfo.from_run(config, get_task("arc_e"), model)
     save_adapter(model, tmp_path / "adapter", info, metrics={"accuracy": 0.5, "num_eval_examples": 10})
     saved = json.loads((tmp_path / "adapter" / "adapter_info.json").read_text())
     assert saved["base_model"] == "random:qwen3" and saved["method"] == "ldmole" and saved["task"] == "arc_e"
@@ -61,16 +58,16 @@ def test_from_pretrained_rebuilds_base_and_adapter_from_the_folder_alone(tmp_pat
 
 @needs_data
 def test_from_pretrained_takes_another_location_of_the_base_model(tmp_path):
-    config = run_config()
+    config = tiny_run_config()
     model = trained_tiny_model(config)
     ids = torch.tensor([[5, 9, 200, 31, 7]])
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     from accelerate.utils import set_seed
 
-    set_seed(config["seed"])  # the same seed builds the same base weights
-    load_base_model(config, "causal_lm", load_tokenizer(config["tokenizer"])).save_pretrained(tmp_path / "base")
-    info = AdapterInfo.from_run(run_config(model_source="someone/not-on-this-machine"), "causal_lm", None)
+    set_seed(config.seed)  # the same seed builds the same base weights
+    load_base_model(config.backbone, "causal_lm", load_tokenizer(config.backbone.tokenizer)).save_pretrained(tmp_path / "base")
+    info = AdapterInfo.from_run(tiny_run_config("model_source=someone/not-on-this-machine"), get_task("arc_e"))
     save_adapter(model, tmp_path / "adapter", info)
     with pytest.raises(OSError, match="someone/not-on-this-machine"):
         from_pretrained(tmp_path / "adapter")
@@ -146,3 +143,19 @@ def test_mixture_adapter_export_to_peft_explains_why_not(tmp_path):
     model = get_mole_model(tiny_model("qwen3"), MoLEConfig(router="sparsegen", num_experts=4))
     with pytest.raises(ValueError, match="PEFT's LoRA has one update per module and no router"):
         export_peft_lora(model, tmp_path)
+
+
+@needs_data
+@pytest.mark.slow
+def test_a_trained_run_writes_an_adapter_that_from_pretrained_loads(tmp_path):
+    from ldmole.experiment.trainer import train
+
+    metrics = train(tiny_run_config(f"data_dir={SHARED_DATA}", f"output_dir={tmp_path}", "max_steps=2",
+                                    "train_max_examples=16", "eval_max_examples=8", "save_epoch_adapters=[1]"))
+    for folder in ("adapter", "adapter_epoch1"):
+        info = AdapterInfo.read(tmp_path / folder)
+        assert (info.base_model, info.method, info.task, info.chat_format) == ("random:qwen3", "ldmole", "arc_e", "qwen3")
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert f"| accuracy | {100 * metrics.accuracy:.2f} |" in card and "Mean active experts per token" in card
+    model = from_pretrained(tmp_path / "adapter")
+    assert not model.training and any(k.endswith("router.weight") for k in mole_parameters(model))

@@ -7,7 +7,11 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+if TYPE_CHECKING:
+    from .data import TaskSpec
+    from .run_config import RunConfig
 
 __all__ = ["AdapterInfo", "INFO_NAME", "CARD_NAME", "model_card"]
 
@@ -40,16 +44,17 @@ class AdapterInfo:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_run(cls, config: dict[str, Any], model_kind: str, num_labels: Optional[int], base: Any = None) -> "AdapterInfo":
-        """The info of a run's adapter from its composed config and the loaded base model."""
+    def from_run(cls, config: "RunConfig", spec: "TaskSpec", base: Any = None) -> "AdapterInfo":
+        """The info of a run's adapter from its config, its task and the loaded base model."""
         from .. import __version__
 
         revision = getattr(getattr(base, "config", None), "_commit_hash", None)
-        return cls(base_model=str(config["model_source"]), model_kind=model_kind, method=str(config["method"]),
-                   task=str(config["task"]), chat_format=str(config["chat_format"]), ldmole_version=__version__,
-                   base_model_revision=revision, model=config.get("model"), num_labels=num_labels,
-                   torch_dtype=str(config.get("torch_dtype") or "float32"), tokenizer=config.get("tokenizer"),
-                   random_init=config.get("random_init"), seed=int(config["seed"]))
+        backbone = config.backbone
+        return cls(base_model=str(backbone.model_source), model_kind="causal_lm" if spec.kind == "qa" else "classification",
+                   method=config.method, task=config.task, chat_format=backbone.chat_format,
+                   ldmole_version=__version__, base_model_revision=revision, model=config.model,
+                   num_labels=spec.num_labels, torch_dtype=backbone.torch_dtype, tokenizer=backbone.tokenizer,
+                   random_init=dict(backbone.random_init) or None, seed=config.seed)
 
     def write(self, directory: Union[str, Path]) -> Path:
         """Writes ``adapter_info.json`` into ``directory`` (atomically)."""

@@ -62,15 +62,17 @@ def from_pretrained(adapter: PathLike, base_model: Optional[str] = None, tokeniz
     from accelerate.utils import set_seed
 
     from .models import load_base_model
+    from .run_config import BackboneConfig
 
     folder = _local_folder(adapter)
     info = AdapterInfo.read(folder)
     source = base_model or info.base_model
     tok = load_adapter_tokenizer(folder, tokenizer or (base_model if base_model and Path(base_model).is_dir() else None))
-    config = {"model_source": source, "torch_dtype": torch_dtype or info.torch_dtype, "random_init": info.random_init}
+    backbone = BackboneConfig(model_source=source, torch_dtype=torch_dtype or info.torch_dtype,
+                              random_init=dict(info.random_init or {}))
     set_seed(info.seed)
     revision = info.base_model_revision if base_model is None else None
-    model = load_base_model(config, info.model_kind, tok, num_labels=info.num_labels or 2, revision=revision)
+    model = load_base_model(backbone, info.model_kind, tok, num_labels=info.num_labels or 2, revision=revision)
     return load_mole(model, folder).eval()
 
 

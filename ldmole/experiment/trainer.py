@@ -28,10 +28,12 @@ from ..core.adapter_io import atomic_write, load_mole, save_mole
 from ..core.injection import get_mole_model, mole_parameters
 from ..core.records import RoutingRecord, routing_records
 from ..core.routers import aux_losses_of
+from .adapter_info import AdapterInfo
 from .checkpointing import (latest_checkpoint, new_checkpoint_tmp, prune_checkpoints, rng_state, set_rng_state,
                             write_checkpoint)
 from .data.features import IGNORE_INDEX
 from .metrics import METRICS_NAME, RunMetrics
+from .pretrained import save_adapter
 from .routing_stats import RoutingStats
 from .run_config import OptimConfig, RunConfig
 from .setup import RunData, SelectedLogits, build_base_model, eval_loader, evaluate, load_run_data, train_collate
@@ -418,10 +420,15 @@ class Trainer:
             state.best_accuracy, state.best_epoch = selection["accuracy"], epoch
             state.best_state = {k: v.detach().cpu().clone() for k, v in mole_parameters(self.base).items()}
         if self.main and epoch in self.config.logging.save_epoch_adapters:
-            save_mole(self.base, self.output_dir / f"adapter_epoch{epoch}")
+            self.save_adapter(self.output_dir / f"adapter_epoch{epoch}")
         state.epoch, state.batches_done = epoch + 1, 0
         if self.config.logging.save_every and state.step < self.total_steps:
             self.save_checkpoint()
+
+    def save_adapter(self, directory: Path, metrics: Optional[RunMetrics] = None) -> None:
+        """The adapter with its base-model record and model card (``ldmole.from_pretrained`` loads it)."""
+        info = AdapterInfo.from_run(self.config, self.data.task.spec, self.base)
+        save_adapter(self.base, directory, info, metrics.to_dict() if metrics is not None else None)
 
     def finish(self, elapsed_s: float, resumed_from: Optional[Path]) -> RunMetrics:
         """Loads the best epoch, scores the evaluation split with routing statistics, writes the outputs."""
@@ -446,7 +453,7 @@ class Trainer:
             resumed_from=str(resumed_from) if resumed_from else None, wall_time_s=round(elapsed_s, 1),
             num_processes=accelerator.num_processes)
         if self.main:
-            save_mole(self.base, self.output_dir / "adapter")
+            self.save_adapter(self.output_dir / "adapter", metrics)
             atomic_write(self.output_dir / METRICS_NAME, lambda tmp: Path(tmp).write_text(metrics.to_json()))
         if config.logging.report_to != "none":
             accelerator.end_training()
