@@ -38,6 +38,7 @@ from ldmole.experiment.data import (collate, encode_classification, encode_qa, g
                          pad_token_id_for)
 from ldmole.experiment.evaluation import classification_metrics, option_scores, qa_metrics
 from ldmole.experiment.models import language_model_parts, load_base_model, load_tokenizer, resolve_model_source
+from ldmole.experiment.routing_stats import RoutingStats
 from ldmole.experiment.run_config import compose_config
 
 
@@ -78,15 +79,15 @@ def token_frequencies(features: list[dict], vocab_size: int) -> np.ndarray:
 
 @torch.no_grad()
 def collect(model, features: list[dict], kind: str, pad_id: int, batch_size: int, device: torch.device):
-    """Runs ``features`` through ``model``; returns (TokenRouting, predicted answers, gold answers)."""
+    """Runs ``features`` through ``model``; returns (RoutingStats with tokens, predicted answers, gold answers)."""
     body, head = language_model_parts(model)
-    routing = rp.TokenRouting()
+    routing = RoutingStats(keep_tokens=True)
     predictions, golds = [], []
     for start in range(0, len(features), batch_size):
         batch = collate(features[start : start + batch_size], pad_id)
         input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         hidden = body(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        routing.add(routing_records(model), batch["input_ids"], batch["attention_mask"])
+        routing.update(routing_records(model), batch["input_ids"], batch["attention_mask"])
         index = batch["last_prompt_index"] if kind == "qa" else batch["last_token_index"]
         logits = head(hidden[torch.arange(len(index)), index.to(device)]).float().cpu()
         if kind == "qa":
