@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from ldmole import MoLEConfig, get_mole_model, load_mole, save_mole
 from ldmole.core.adapter_io import WEIGHTS_NAME, atomic_write
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 def saved_adapter(directory) -> dict[str, torch.Tensor]:

@@ -1,8 +1,8 @@
-"""ldmole-bench-layer at tiny shapes: complete JSON output, and an equivalence guard that can fail."""
+"""ldmole-bench-layer at tiny shapes: complete JSON output, goal ratios, and a timed dense-einsum variant that
+computes what the ldmole variant computes (correctness itself: tests/test_dense_reference.py)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -59,51 +59,21 @@ def test_main_writes_every_variant(bench, tmp_path, capsys):
             assert row["speedup_vs_dense"] > 0 and row["saved_mb"] > 0, name
     # the dense formulation keeps a [T, E, d_out] tensor for backward, ldmole does not
     assert rows["dense-einsum softmax"]["saved_mb"] > rows["ldmole softmax"]["saved_mb"]
-    assert len(shape["equivalence"]) == 6
-    for pair, errors in shape["equivalence"].items():
-        assert errors and max(errors.values()) < 1e-4, pair
-    assert "lambda_mlp.fc1.grad" in shape["equivalence"]["ldmole sparsegen == dense-einsum sparsegen"]
     assert result["goals"] == {}  # 2048x6144 not run
 
 
-def _args(bench) -> argparse.Namespace:
-    return bench.build_parser().parse_args(TINY)
-
-
-@pytest.mark.parametrize("router,perturb", [
-    ("sparsegen", "lora_B"), ("sparsegen", "router"), ("sparsegen", "lambda"), ("softmax", "lora_A"),
-    ("topk", "lora_B"), ("lora", "lora_B"),
-])
-def test_equivalence_guard_fails_on_different_weights(bench, router, perturb):
-    args = _args(bench)
+@pytest.mark.parametrize("router", ["sparsegen", "sparsegen_fixed", "topk", "relu", "softmax"])
+def test_timed_dense_variant_computes_the_ldmole_variants_output(bench, router):
+    args = bench.build_parser().parse_args(TINY)
     torch.manual_seed(0)
     base = bench.make_base(32, 48, torch.device("cpu"), torch.float32)
-    ldmole_variant = bench.build_ldmole(base, router, args)
-    twin = bench.build_peft(base, args) if router == "lora" else bench.build_dense(base, router, args)
+    ldmole_variant, dense = bench.build_ldmole(base, router, args), bench.build_dense(base, router, args)
+    dense.module.layer.load_state_dict(ldmole_variant.module.state_dict())
+    if router == "sparsegen":
+        dense.module.layer.lambda_mlp.load_state_dict(ldmole_variant.module.lambda_mlp.state_dict())
     x = torch.randn(1, 16, 32)
-    bench.copy_weights(ldmole_variant, twin)
-    errors = bench.check_equivalence(ldmole_variant, twin, x, bench.contextlib.nullcontext, 1e-4)
-    assert max(errors.values()) < 1e-4
-
-    with torch.no_grad():
-        if perturb == "lambda":
-            target = twin.module._lambda_mlp[0].fc1.weight
-        elif perturb == "router":
-            target = twin.module.router.weight
-        elif twin.family == "peft":
-            target = getattr(twin.module, perturb)["default"].weight
-        else:
-            target = getattr(twin.module, perturb)
-        target.add_(0.05 * torch.randn_like(target))
-    with pytest.raises(bench.EquivalenceError, match="disagree"):
-        bench.check_equivalence(ldmole_variant, twin, x, bench.contextlib.nullcontext, 1e-4)
-
-
-def test_main_aborts_when_the_twin_has_other_weights(bench, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "copy_weights", lambda src, dst: None)  # twins keep their own random weights
-    assert bench.main(TINY + ["--routers", "softmax"]) == 2
-    err = capsys.readouterr().err
-    assert "equivalence check failed" in err and "ldmole softmax and dense-einsum softmax disagree" in err
+    ldmole_variant.module.eval(), dense.module.eval()
+    torch.testing.assert_close(dense.module(x), ldmole_variant.module(x), atol=1e-5, rtol=1e-4)
 
 
 def test_goal_ratios_are_computed_on_2048x6144(bench):

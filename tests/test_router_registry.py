@@ -13,9 +13,8 @@ from torch import nn
 import ldmole
 from ldmole import MoLEConfig, MoLELinear, Router, get_mole_model, load_mole, register_router, routing_records, save_mole
 from ldmole.core.routers import BUILTIN_ROUTERS, LORA, aux_losses_of, get_router, router_names
-from tests.conftest import SHARED_DATA, tiny_model
+from tests.helpers import SHARED_DATA, needs_data, tiny_model
 
-needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
 
 
 @register_router
@@ -101,6 +100,7 @@ def test_outside_router_injects_records_trains_and_round_trips(tmp_path):
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 @needs_data
 def test_outside_router_trains_through_the_trainer(tmp_path):
     from ldmole.experiment.run_config import compose_config

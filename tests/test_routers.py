@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ldmole import LambdaMLP, MoLEConfig, MoLELinear, get_mole_model, route, routing_records
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 def test_topk_keeps_exactly_k_renormalised():

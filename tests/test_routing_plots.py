@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from ldmole import RoutingRecord
+from ldmole.experiment.routing_stats import RoutingStats
 from ldmole.report import routing_plots as rp
-from tests.conftest import SHARED_DATA
+from tests.helpers import needs_data, tiny_run_args
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -25,10 +26,10 @@ def record(layer: int, module_type: str, weights: torch.Tensor, lam=None, router
                          lam, None)
 
 
-def synthetic_routing(num_layers=3, experts=(4, 4, 6), router="sparsegen", seed=0) -> rp.TokenRouting:
+def synthetic_routing(num_layers=3, experts=(4, 4, 6), router="sparsegen", seed=0) -> RoutingStats:
     """Two batches of 2 sequences (lengths 5+3, then 4+4) with sparse random weights."""
     generator = torch.Generator().manual_seed(seed)
-    routing = rp.TokenRouting()
+    routing = RoutingStats(keep_tokens=True)
     batches = [torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1]])]
     for mask in batches:
         records = []
@@ -39,7 +40,7 @@ def synthetic_routing(num_layers=3, experts=(4, 4, 6), router="sparsegen", seed=
                 lam = torch.rand(*mask.shape, generator=generator) - 1 if router == "sparsegen" else None
                 records.append(record(layer, module_type, weights, lam, router))
         input_ids = torch.randint(0, 50, mask.shape, generator=generator)
-        routing.add(records, input_ids, mask)
+        routing.update(records, input_ids, mask)
     return routing
 
 
@@ -55,6 +56,27 @@ def test_token_routing_keeps_real_tokens_in_example_order():
     np.testing.assert_array_equal(routing.active((2, "q_proj")), (weights > 0).sum(1))
     with pytest.raises(IndexError):
         routing.example_slice(4)
+
+
+def test_kept_tokens_agree_with_the_device_sums_of_the_same_accumulator():
+    routing = synthetic_routing()
+    for key, counts in routing.activation_counts.items():
+        weights = routing.weights(key)
+        np.testing.assert_array_equal(counts, (weights > 0).sum(0))
+    summary = routing.summary()
+    active = routing.active((1, "down_proj"))
+    assert summary["per_module"]["model.layers.1.down_proj"]["avg_active_experts"] == pytest.approx(active.mean())
+
+
+def test_per_token_routing_needs_keep_tokens_and_the_batch():
+    weights = torch.tensor([[[0.5, 0.5], [1.0, 0.0]]])
+    plain = RoutingStats()
+    plain.update([record(0, "q_proj", weights)])
+    assert plain.modules == [(0, "q_proj")] and plain.summary()["avg_active_experts"] == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="keep_tokens=True"):
+        plain.active((0, "q_proj"))
+    with pytest.raises(ValueError, match="input_ids and attention_mask"):
+        RoutingStats(keep_tokens=True).update([record(0, "q_proj", weights)])
 
 
 def test_summaries_of_active_counts_lambda_and_share():
@@ -113,9 +135,6 @@ def test_each_plot_function_writes_a_png_from_plain_data(tmp_path):
         rp.plot_token_routing(tokens[:3], weights, tmp_path / "bad.png")
 
 
-needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A finished 3-step LD-MoLE run of the tiny Qwen3 on ARC-C (adapter/, adapter_epoch1/, metrics.json)."""
@@ -123,8 +142,7 @@ def tiny_run(tmp_path_factory):
     from ldmole.experiment.trainer import train
 
     out = tmp_path_factory.mktemp("tiny_run")
-    train(compose_config(["model=tiny_qwen3", "task=arc_c", "method=ldmole", f"data_dir={SHARED_DATA}",
-                          f"tokenizer={SHARED_DATA}/tokenizers/qwen3", f"output_dir={out}", "max_steps=3",
+    train(compose_config(tiny_run_args() + ["method=ldmole", f"output_dir={out}", "max_steps=3",
                           "train_max_examples=48", "selection_size=16", "eval_max_examples=16"]))
     return out
 
@@ -136,6 +154,7 @@ def plot_routing():
     return module
 
 
+@pytest.mark.slow
 @needs_data
 def test_plot_routing_on_a_saved_run_writes_every_figure(tiny_run, plot_routing, tmp_path, capsys):
     status = plot_routing.main([str(tiny_run), "--out", str(tmp_path), "--num-examples", "16", "--freq-examples", "40",
@@ -153,6 +172,7 @@ def test_plot_routing_on_a_saved_run_writes_every_figure(tiny_run, plot_routing,
     assert "final (adapter/): accuracy" in err and f"predicted answers (class / option index: count) {counts}" in err
 
 
+@pytest.mark.slow
 @needs_data
 def test_plot_routing_names_valid_layers_and_modules(tiny_run, plot_routing, tmp_path, capsys):
     status = plot_routing.main([str(tiny_run), "--out", str(tmp_path), "--num-examples", "4", "--freq-examples", "8",

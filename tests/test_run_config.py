@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from ldmole.experiment.data import TASKS
 from ldmole.experiment.metrics import RunMetrics
 from ldmole.experiment.run_config import RunConfig, available, compose_config, describe_keys
 from ldmole.experiment.trainer import TrainState, routing_loss_terms
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT, run_command
 
 
 def readme_config_keys() -> set[str]:
@@ -40,9 +38,9 @@ def test_every_field_has_a_help_text():
     assert all(help_text.strip() for _, _, help_text in describe_keys())
 
 
+@pytest.mark.slow
 def test_train_help_lists_every_key_with_its_default_and_meaning():
-    result = subprocess.run([sys.executable, "-m", "ldmole.cli.train", "--help"], cwd=REPO_ROOT, capture_output=True,
-                            text=True, timeout=60)
+    result = run_command("ldmole.cli.train", ["--help"], timeout=60)
     assert result.returncode == 0
     for key, default, help_text in describe_keys():
         assert f"  {key}=" in result.stdout, f"--help does not list {key}"

@@ -15,9 +15,8 @@ from ldmole.experiment.models import load_base_model, load_tokenizer
 from ldmole.experiment.peft_export import export_peft_lora
 from ldmole.experiment.pretrained import from_pretrained, push_to_hub, save_adapter
 from ldmole.experiment.run_config import RunConfig, compose_config
-from tests.conftest import SHARED_DATA, tiny_model
+from tests.helpers import SHARED_DATA, needs_data, tiny_model
 
-needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
 
 
 def tiny_run_config(*overrides: str) -> RunConfig:

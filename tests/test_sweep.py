@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,7 @@ def test_dry_run_prints_one_run_sh_command_per_grid_point(sweep, tmp_path):
     assert not any(tmp_path.iterdir()), "a dry run must not create run folders"
 
 
+@pytest.mark.slow
 def test_run_sh_passes_only_the_settings_that_are_set(tmp_path):
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
@@ -116,6 +117,7 @@ def test_bad_grids_fail_before_anything_runs(sweep, tmp_path, capsys, argv, mess
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_launch_passes_the_environment_and_logs_to_the_run_folder(sweep, tmp_path, monkeypatch):
     job = sweep.build_jobs(["tiny_qwen3"], ["rte"], ["ldmole"], [7], tmp_path, ["max_steps=1"])[0]
     echo = ["bash", "-c", 'echo "$MODEL $TASK $SEED $OUTPUT_DIR"; exit 4']

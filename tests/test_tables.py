@@ -12,7 +12,7 @@ import yaml
 
 from ldmole.report.tables import (FULL_EVAL_SIZES, METHOD_LABELS, PUBLISHED, TASK_COLUMNS, build_tables, collect_runs,
                            format_markdown, write_tables)
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 TASKS = [task for task, _ in TASK_COLUMNS]
 

@@ -10,15 +10,12 @@ import torch
 import ldmole.experiment.trainer as trainer
 from ldmole.experiment.run_config import OptimConfig, compose_config
 from ldmole.experiment.trainer import _epoch_order, _gradient_accumulation, task_loss, train
-from tests.conftest import SHARED_DATA
-
-needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
+from tests.helpers import needs_data, tiny_run_args
 
 # 8 training examples in batches of 4 without accumulation: 2 optimiser steps per epoch.
-TINY = ["model=tiny_qwen3", "task=arc_c", "method=softmax", f"data_dir={SHARED_DATA}",
-        f"tokenizer={SHARED_DATA}/tokenizers/qwen3", "train_max_examples=8", "eval_max_examples=4",
-        "batch_size=4", "per_device_batch_size=4", "eval_batch_size=4", "log_every=1", "save_epoch_adapters=[]",
-        "mixed_precision=no"]
+TINY = tiny_run_args() + ["method=softmax", "train_max_examples=8", "eval_max_examples=4", "batch_size=4",
+                          "per_device_batch_size=4", "eval_batch_size=4", "log_every=1", "save_epoch_adapters=[]",
+                          "mixed_precision=no"]
 
 
 def hand_smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -59,6 +56,7 @@ def test_gradient_accumulation_gives_the_global_batch_and_rejects_a_remainder():
         _gradient_accumulation(config, num_processes=3)
 
 
+@pytest.mark.slow
 @needs_data
 def test_trainer_logs_the_task_loss_with_the_configs_label_smoothing(tmp_path, monkeypatch):
     seen = []
@@ -82,6 +80,7 @@ def test_trainer_logs_the_task_loss_with_the_configs_label_smoothing(tmp_path, m
     assert logged[0.0] != pytest.approx(logged[0.5], rel=1e-3), "label smoothing must change the task loss"
 
 
+@pytest.mark.slow
 @needs_data
 def test_logged_lr_drops_by_gamma_at_each_epoch_milestone(tmp_path):
     lr, gamma, milestones = 1e-3, 0.1, [2, 3]

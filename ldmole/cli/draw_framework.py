@@ -66,7 +66,39 @@ def bars(ax, x, y, values, colors, width=1.3, height=0.75, label=None):
         ax.text(x, y - height / 2 - 0.22, label, ha="center", va="top", fontsize=10, color=INK)
 
 
+def draw_experts(ax, xin: float, ymid: float, yw0: float) -> tuple[float, float]:
+    """The dropout, the E LoRA experts scaled by their weights pₑ and their sum into the frozen path.
+
+    Returns the x of the ×pₑ column and the y of the lowest expert, where the routing weights arrive.
+    """
+    arrow(ax, (xin + 0.38, ymid), (2.55, ymid))
+    box(ax, 3.2, ymid, 1.3, 0.55, "dropout", FROZEN, fontsize=10)
+    ex, xmul, trunk, dy = 8.3, 9.65, 7.15, 0.47
+    ys = [ymid + dy * (3.5 - e) for e in range(len(WEIGHTS))]
+    ax.plot([3.85, trunk], [ymid, ymid], color=INK, lw=1.4)
+    ax.plot([trunk, trunk], [ys[-1], ys[0]], color=INK, lw=1.4)
+    xsum = 10.9
+    for e, (y, p) in enumerate(zip(ys, WEIGHTS)):
+        ink = INK if p > 0 else "#bbbbbb"
+        arrow(ax, (trunk, y), (ex - 0.62, y), color=ink)
+        box(ax, ex, y, 1.22, 0.36, f"B{_sub(e + 1)}A{_sub(e + 1)}", TRAINED if p > 0 else INACTIVE, fontsize=10,
+            dashed=p == 0)
+        ax.plot([ex + 0.62, xmul - 0.16], [y, y], color=ink, lw=1.2)
+        ax.add_patch(Circle((xmul, y), 0.16, fc="white", ec=ink, lw=1.2))
+        ax.text(xmul, y, "×", ha="center", va="center", fontsize=10, color=ink)
+        ax.plot([xmul + 0.16, xsum - 0.27], [y, ymid], color=ink if p > 0 else "#dddddd", lw=1.0)
+    ax.text(ex - 0.3, ys[0] + 0.33, "E LoRA experts (rank r)", ha="center", va="bottom", fontsize=10, color=TRAINED[1])
+    ax.add_patch(FancyBboxPatch((xmul - 0.3, ys[-1] - 0.3), 0.6, ys[0] - ys[-1] + 0.6,
+                                boxstyle="round,pad=0,rounding_size=0.15", fc="none", ec=ROUTE[1], lw=1.3, ls="--"))
+    ax.text(xmul + 0.1, ys[0] + 0.33, "× pₑ", ha="center", va="bottom", fontsize=10, color=ROUTE[1])
+    ax.add_patch(Circle((xsum, ymid), 0.27, fc="white", ec=INK, lw=1.6))
+    ax.text(xsum, ymid, "Σ", ha="center", va="center", fontsize=14)
+    arrow(ax, (xsum + 0.2, ymid + 0.2), (12.15, yw0 - 0.24), "× α/r", text_offset=(0.3, -0.1), ha="left")
+    return xmul, ys[-1]
+
+
 def draw(path: Path) -> Path:
+    """Draws the framework figure to ``path`` (PNG, 150 dpi) and returns the path."""
     fig, ax = plt.subplots(figsize=(13.5, 8.1))
     ax.set_xlim(0, 14)
     ax.set_ylim(-0.95, 7.65)
@@ -92,29 +124,7 @@ def draw(path: Path) -> Path:
     ax.text(13.55, yw0, "h", ha="left", va="center", fontsize=16, style="italic")
 
     # experts: E LoRA pairs on dropout(x), each scaled by its weight p_e, then summed
-    arrow(ax, (xin + 0.38, ymid), (2.55, ymid))
-    box(ax, 3.2, ymid, 1.3, 0.55, "dropout", FROZEN, fontsize=10)
-    ex, xmul, trunk, dy = 8.3, 9.65, 7.15, 0.47
-    ys = [ymid + dy * (3.5 - e) for e in range(len(WEIGHTS))]
-    ax.plot([3.85, trunk], [ymid, ymid], color=INK, lw=1.4)
-    ax.plot([trunk, trunk], [ys[-1], ys[0]], color=INK, lw=1.4)
-    xsum = 10.9
-    for e, (y, p) in enumerate(zip(ys, WEIGHTS)):
-        ink = INK if p > 0 else "#bbbbbb"
-        arrow(ax, (trunk, y), (ex - 0.62, y), color=ink)
-        box(ax, ex, y, 1.22, 0.36, f"B{_sub(e + 1)}A{_sub(e + 1)}", TRAINED if p > 0 else INACTIVE, fontsize=10,
-            dashed=p == 0)
-        ax.plot([ex + 0.62, xmul - 0.16], [y, y], color=ink, lw=1.2)
-        ax.add_patch(Circle((xmul, y), 0.16, fc="white", ec=ink, lw=1.2))
-        ax.text(xmul, y, "×", ha="center", va="center", fontsize=10, color=ink)
-        ax.plot([xmul + 0.16, xsum - 0.27], [y, ymid], color=ink if p > 0 else "#dddddd", lw=1.0)
-    ax.text(ex - 0.3, ys[0] + 0.33, "E LoRA experts (rank r)", ha="center", va="bottom", fontsize=10, color=TRAINED[1])
-    ax.add_patch(FancyBboxPatch((xmul - 0.3, ys[-1] - 0.3), 0.6, ys[0] - ys[-1] + 0.6,
-                                boxstyle="round,pad=0,rounding_size=0.15", fc="none", ec=ROUTE[1], lw=1.3, ls="--"))
-    ax.text(xmul + 0.1, ys[0] + 0.33, "× pₑ", ha="center", va="bottom", fontsize=10, color=ROUTE[1])
-    ax.add_patch(Circle((xsum, ymid), 0.27, fc="white", ec=INK, lw=1.6))
-    ax.text(xsum, ymid, "Σ", ha="center", va="center", fontsize=14)
-    arrow(ax, (xsum + 0.2, ymid + 0.2), (12.15, yw0 - 0.24), "× α/r", text_offset=(0.3, -0.1), ha="left")
+    xmul, y_last = draw_experts(ax, xin, ymid, yw0)
 
     # router and Sparsegen
     arrow(ax, (xin, yrouter), (1.65, yrouter))
@@ -129,7 +139,7 @@ def draw(path: Path) -> Path:
     ax.text(8.7, yrouter - 0.5, "weights p: sparse,\nΣ p = 1, ≥ 1 expert active", ha="center", va="top",
             fontsize=9.5)
     ax.plot([9.35, xmul, xmul], [yrouter, yrouter, yrouter + 0.25], color=ROUTE[1], lw=1.4)
-    arrow(ax, (xmul, yrouter + 0.25), (xmul, ys[-1] - 0.3), color=ROUTE[1])
+    arrow(ax, (xmul, yrouter + 0.25), (xmul, y_last - 0.3), color=ROUTE[1])
 
     # λ-MLP, shared by every layer (one per input width)
     arrow(ax, (xin, ylam), (1.4, ylam))

@@ -35,6 +35,7 @@ from ldmole import get_router, load_mole, routing_records
 from ldmole.core.routers import LORA
 from ldmole.experiment.data import TaskData
 from ldmole.experiment.metrics import RunMetrics
+from ldmole.experiment.routing_stats import RoutingStats
 from ldmole.experiment.run_config import RunConfig
 from ldmole.experiment.setup import (Encoder, SelectedLogits, build_base_model, eval_loader, evaluate, load_run_task,
                                      load_run_tokenizer)
@@ -72,12 +73,13 @@ def token_frequencies(features: list[dict], vocab_size: int) -> np.ndarray:
     return counts
 
 
-def collect(model, loader, kind: str, task: str, examples) -> tuple[rp.TokenRouting, dict]:
-    """Runs ``loader`` through ``model``; returns its TokenRouting and its scores (accuracy, answer counts)."""
-    routing = rp.TokenRouting()
+def collect(model, loader, kind: str, task: str, examples) -> tuple[RoutingStats, dict]:
+    """Runs ``loader`` through ``model``; returns its routing (with per-token arrays) and its scores
+    (accuracy, answer counts)."""
+    routing = RoutingStats(keep_tokens=True)
     scores = evaluate(SelectedLogits(model), loader, kind, task, examples,
-                      observe=lambda batch: routing.add(routing_records(model), batch["input_ids"],
-                                                        batch["attention_mask"]))
+                      observe=lambda batch: routing.update(routing_records(model), batch["input_ids"],
+                                                           batch["attention_mask"]))
     return routing, scores
 
 
@@ -97,7 +99,7 @@ def load_inputs(config: RunConfig, num_examples: int, freq_examples: int) -> tup
 
 
 def rerun_adapters(config: RunConfig, task: TaskData, encoder: Encoder, features: list[dict], run_dir: Path,
-                   args: argparse.Namespace) -> tuple[dict[str, rp.TokenRouting], dict[str, float]]:
+                   args: argparse.Namespace) -> tuple[dict[str, RoutingStats], dict[str, float]]:
     """Routing and accuracy of the run's adapters (after epoch 1 when saved, and the final one) on ``features``,
     on the base the run trained on (a random base is rebuilt from the run seed, as train() does)."""
     model = build_base_model(config, task.spec, encoder.tokenizer)
@@ -120,7 +122,7 @@ def rerun_adapters(config: RunConfig, task: TaskData, encoder: Encoder, features
 
 
 def write_figures(config: RunConfig, args: argparse.Namespace, out: Path, task: TaskData, tokenizer,
-                  collected: dict[str, rp.TokenRouting], freq_features: list[dict], freq_source: str,
+                  collected: dict[str, RoutingStats], freq_features: list[dict], freq_source: str,
                   num_examples: int, best: Optional[int], layer: int) -> list[Path]:
     """Every figure of the module docstring; returns the paths written."""
     name = f"{config.model} · {config.task} · {config.method}"

@@ -1,8 +1,9 @@
 """Routing figures (docs/method.md §5 analyses): plot functions on plain arrays, and what turns routing
 records into those arrays.
 
-Data path: :class:`TokenRouting` collects the routing records of some forwards token by token
-(real tokens only); the ``*_by_layer`` / ``*_bands`` helpers reduce it to dicts of arrays; each
+Data path: :class:`ldmole.experiment.routing_stats.RoutingStats` with ``keep_tokens=True`` collects the
+routing records of some forwards token by token (real tokens only); the ``*_by_layer`` / ``*_bands``
+helpers reduce it to dicts of arrays; each
 ``plot_*`` function takes only such plain data and writes one PNG (matplotlib, Agg backend), so it
 can be tested without a model. ``ldmole-plot-routing`` runs a saved adapter to get the records.
 
@@ -20,109 +21,22 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
-from ..core.records import RoutingRecord  # noqa: E402
+from ..experiment.routing_stats import RoutingStats  # noqa: E402
 
 __all__ = [
-    "TokenRouting", "active_expert_bands", "lambda_by_layer", "zero_activation_by_layer", "expert_share_by_layer",
+    "active_expert_bands", "lambda_by_layer", "zero_activation_by_layer", "expert_share_by_layer",
     "mean_active_per_token", "frequency_buckets", "token_label",
     "plot_active_experts_per_layer", "plot_lambda_per_layer", "plot_active_vs_token_frequency",
     "plot_expert_share", "plot_zero_activation_rate", "plot_token_routing",
 ]
 
 PathLike = Union[str, Path]
-ModuleKey = tuple[int, str]  # (layer index, module type)
-MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DPI = 150
 
 
-class TokenRouting:
-    """Per-token routing of a series of forwards, flattened over the real (unmasked) tokens.
-
-    For every adapted module (keyed by ``(layer, module_type)``): the number of active experts per
-    token, λ per token (Sparsegen routers), the routing weights per token (float16, for display)
-    and exact per-expert sums of activations and weights. ``token_ids`` and ``example_lengths``
-    give the token of each position and where each example's tokens lie.
-    """
-
-    def __init__(self) -> None:
-        self.router: Optional[str] = None
-        self.token_ids_parts: list[np.ndarray] = []
-        self.example_lengths: list[int] = []
-        self._active: dict[ModuleKey, list[np.ndarray]] = {}
-        self._lam: dict[ModuleKey, list[np.ndarray]] = {}
-        self._weights: dict[ModuleKey, list[np.ndarray]] = {}
-        self.activation_counts: dict[ModuleKey, np.ndarray] = {}
-        self.weight_sums: dict[ModuleKey, np.ndarray] = {}
-
-    def add(self, records: Sequence[RoutingRecord], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """Adds one forward: its records (weights ``[B, T, E]``) and the batch it ran on (``[B, T]``)."""
-        mask = attention_mask.bool()
-        if not records:
-            raise ValueError("no routing records: was the forward run on a model with MoLE routers (not router=lora)?")
-        self.token_ids_parts.append(input_ids[mask].cpu().numpy())
-        self.example_lengths.extend(int(n) for n in mask.sum(1).tolist())
-        for record in records:
-            if record.weights.shape[:-1] != mask.shape:
-                raise ValueError(f"{record.name}: weights {tuple(record.weights.shape)} do not match the batch "
-                                 f"{tuple(mask.shape)}; run full forwards (no cache) on the collected batch")
-            self.router = record.router
-            key = (record.layer_index, record.module_type)
-            weights = record.weights.detach()[mask.to(record.weights.device)].float().cpu()
-            active = weights > 0
-            self._active.setdefault(key, []).append(active.sum(-1).numpy().astype(np.int16))
-            self._weights.setdefault(key, []).append(weights.numpy().astype(np.float16))
-            counts, sums = active.sum(0).double().numpy(), weights.sum(0).double().numpy()
-            if key in self.activation_counts:
-                self.activation_counts[key] += counts
-                self.weight_sums[key] += sums
-            else:
-                self.activation_counts[key], self.weight_sums[key] = counts, sums
-            if record.lam is not None:
-                lam = record.lam.detach()[mask.to(record.lam.device)]
-                self._lam.setdefault(key, []).append(lam.float().cpu().numpy())
-
-    @property
-    def modules(self) -> list[ModuleKey]:
-        """Module keys sorted by layer, then in q, k, v, o, gate, up, down order."""
-        rank = {name: i for i, name in enumerate(MODULE_ORDER)}
-        return sorted(self._active, key=lambda k: (k[0], rank.get(k[1], len(rank)), k[1]))
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted({layer for layer, _ in self._active})
-
-    @property
-    def module_types(self) -> list[str]:
-        return list(dict.fromkeys(module_type for _, module_type in self.modules))
-
-    @property
-    def token_ids(self) -> np.ndarray:
-        return np.concatenate(self.token_ids_parts) if self.token_ids_parts else np.zeros(0, dtype=np.int64)
-
-    def active(self, key: ModuleKey) -> np.ndarray:
-        """Active expert count per token ``[N]`` of one module."""
-        return np.concatenate(self._active[key])
-
-    def lam(self, key: ModuleKey) -> Optional[np.ndarray]:
-        """λ per token ``[N]`` of one module, or None (router without λ)."""
-        return np.concatenate(self._lam[key]) if key in self._lam else None
-
-    def weights(self, key: ModuleKey) -> np.ndarray:
-        """Routing weights per token ``[N, E]`` (float16) of one module."""
-        return np.concatenate(self._weights[key])
-
-    def example_slice(self, example: int) -> slice:
-        """Positions of example ``example`` (in the order the examples were added) in the token axis."""
-        if not 0 <= example < len(self.example_lengths):
-            raise IndexError(f"example {example} is not among the {len(self.example_lengths)} collected examples")
-        start = int(sum(self.example_lengths[:example]))
-        return slice(start, start + self.example_lengths[example])
-
-
-def active_expert_bands(routing: TokenRouting, low: float = 0.25,
+def active_expert_bands(routing: RoutingStats, low: float = 0.25,
                         high: float = 0.75) -> dict[str, dict[str, list[float]]]:
     """``{module_type: {"layer", "mean", "low", "high"}}``: mean and quantiles of the active count per layer."""
     bands: dict[str, dict[str, list[float]]] = {}
@@ -136,7 +50,7 @@ def active_expert_bands(routing: TokenRouting, low: float = 0.25,
     return bands
 
 
-def lambda_by_layer(routing: TokenRouting) -> dict[int, np.ndarray]:
+def lambda_by_layer(routing: RoutingStats) -> dict[int, np.ndarray]:
     """``{layer: λ of every token and module of that layer}`` (empty for routers without λ)."""
     out: dict[int, list[np.ndarray]] = {}
     for key in routing.modules:
@@ -146,7 +60,7 @@ def lambda_by_layer(routing: TokenRouting) -> dict[int, np.ndarray]:
     return {layer: np.concatenate(parts) for layer, parts in out.items()}
 
 
-def zero_activation_by_layer(routing: TokenRouting) -> dict[str, dict[str, list[float]]]:
+def zero_activation_by_layer(routing: RoutingStats) -> dict[str, dict[str, list[float]]]:
     """``{module_type: {"layer", "rate"}}``: fraction of tokens with no active expert per layer."""
     out: dict[str, dict[str, list[float]]] = {}
     for layer, module_type in routing.modules:
@@ -156,7 +70,7 @@ def zero_activation_by_layer(routing: TokenRouting) -> dict[str, dict[str, list[
     return out
 
 
-def expert_share_by_layer(routing: TokenRouting, kind: str = "activation") -> np.ndarray:
+def expert_share_by_layer(routing: RoutingStats, kind: str = "activation") -> np.ndarray:
     """``[num_layers, max E]`` share of each expert per layer (rows sum to 1; NaN past a layer's E).
 
     ``kind="activation"``: share of the (token, expert) activations (as metrics.json's
@@ -175,7 +89,7 @@ def expert_share_by_layer(routing: TokenRouting, kind: str = "activation") -> np
     return share
 
 
-def mean_active_per_token(routing: TokenRouting) -> dict[str, np.ndarray]:
+def mean_active_per_token(routing: RoutingStats) -> dict[str, np.ndarray]:
     """``{"all modules": [N], <module_type>: [N], ...}``: active count per token averaged over layers
     (and over module types for "all modules")."""
     by_type: dict[str, list[np.ndarray]] = {}
