@@ -83,8 +83,8 @@ def dense_twin(layer: MoLELinear) -> DenseEinsumMoLE:
     """A :class:`DenseEinsumMoLE` on the same base with a copy of ``layer``'s weights (and λ-MLP)."""
     mlp = copy.deepcopy(layer.lambda_mlp)
     twin = DenseEinsumMoLE(layer.base_layer, layer.num_experts, layer.r, alpha=layer.scaling * layer.r, dropout=0.0,
-                           router=layer.router_kind, top_k=layer.top_k, lambda_mlp=mlp,
-                           fixed_lambda=layer.fixed_lambda)
+                           router=layer.router_kind, top_k=layer.router.top_k, lambda_mlp=mlp,
+                           fixed_lambda=getattr(layer.router, "fixed_lambda", None))
     with torch.no_grad():
         twin.lora_A.copy_(layer.lora_A)
         twin.lora_B.copy_(layer.lora_B)
