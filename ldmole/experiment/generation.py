@@ -92,8 +92,9 @@ def generate_with_trace(model: nn.Module, tokenizer, prompt: str, max_new_tokens
     model.train(was_training)
     generated = torch.cat(tokens).tolist()
     trace = []
-    active = torch.stack([a for a, _ in steps]).cpu().numpy() if steps else None
-    lam = torch.stack([l for _, l in steps]).cpu().numpy() if steps else None
+    # float64 on the host: per-layer means of small integer counts print as 10/7, not its float32 rounding
+    active = torch.stack([a for a, _ in steps]).cpu().double().numpy() if steps else None
+    lam = torch.stack([l for _, l in steps]).cpu().double().numpy() if steps else None
     for i, token_id in enumerate(generated):
         entry: dict[str, Any] = {"token_id": token_id, "token": tokenizer.decode([token_id])}
         entry["active_experts"] = float(active[i].mean()) if active is not None else None
