@@ -358,3 +358,14 @@ def test_model_files_pick_the_format_of_their_checkpoint(model, source, chat_for
     config = yaml.safe_load((REPO_ROOT / "configs" / "models" / f"{model}.yaml").read_text())
     assert (config["model_source"], config["chat_format"]) == (source, chat_format)
     get_chat_format(config["chat_format"])
+
+
+@pytest.mark.parametrize("family", MODEL_FAMILIES)
+@pytest.mark.parametrize("format_name", ["own", "plain"])
+def test_encode_prompt_is_the_prompt_part_of_a_qa_encoding(tokenizers, family, format_name):
+    from ldmole.experiment.data import encode_prompt
+
+    tokenizer, example = tokenizers[family], qa_example()
+    fmt = CHAT_FORMATS[family if format_name == "own" else "plain"]
+    expected = prompt_ids(encode_qa(example, tokenizer, fmt, max_length=1024))
+    assert encode_prompt(example.prompt, tokenizer, fmt) == expected

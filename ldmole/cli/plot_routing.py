@@ -25,43 +25,18 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 import numpy as np
 import torch
-import yaml
 
-from ldmole import get_router, load_mole, routing_records
+from ldmole import get_router, load_mole
 from ldmole.core.routers import LORA
 from ldmole.experiment.data import TaskData
 from ldmole.experiment.metrics import RunMetrics
 from ldmole.experiment.routing_stats import RoutingStats
 from ldmole.experiment.run_config import RunConfig
-from ldmole.experiment.setup import (Encoder, SelectedLogits, build_base_model, eval_loader, evaluate, load_run_task,
-                                     load_run_tokenizer)
+from ldmole.experiment.setup import (Encoder, build_base_model, eval_loader, evaluate_routing, load_run_config,
+                                     load_run_task, load_run_tokenizer)
 from ldmole.report import routing_plots as rp
-
-
-def load_run_config(run_dir: Path, data_dir: Optional[str], tokenizer: Optional[str]) -> RunConfig:
-    """The run's config (config.yaml re-validated), with the given path overrides.
-
-    A relative data_dir / tokenizer that does not exist from the current directory but does from
-    the repository root (where run.sh and ldmole-sweep run) is taken from there.
-    """
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass a run folder written by ldmole.cli.train")
-    saved = yaml.safe_load(path.read_text()) or {}
-    saved.pop("task_name", None)  # written by runs from before configs/tasks/ was replaced by the task registry
-    for key in ("data_dir", "tokenizer"):
-        value = saved.get(key)
-        if value and not Path(value).is_absolute() and not Path(value).exists() and (REPO_ROOT / value).exists():
-            saved[key] = str(REPO_ROOT / value)
-    if data_dir is not None:
-        saved["data_dir"] = data_dir
-    if tokenizer is not None:
-        saved["tokenizer"] = tokenizer
-    return RunConfig.from_flat(saved)
 
 
 def token_frequencies(features: list[dict], vocab_size: int) -> np.ndarray:
@@ -77,10 +52,7 @@ def collect(model, loader, kind: str, task: str, examples) -> tuple[RoutingStats
     """Runs ``loader`` through ``model``; returns its routing (with per-token arrays) and its scores
     (accuracy, answer counts)."""
     routing = RoutingStats(keep_tokens=True)
-    scores = evaluate(SelectedLogits(model), loader, kind, task, examples,
-                      observe=lambda batch: routing.update(routing_records(model), batch["input_ids"],
-                                                           batch["attention_mask"]))
-    return routing, scores
+    return routing, evaluate_routing(model, loader, kind, task, examples, routing)
 
 
 def load_inputs(config: RunConfig, num_examples: int, freq_examples: int) -> tuple[TaskData, Encoder, list, list, str]:

@@ -9,9 +9,11 @@ from typing import Any, Optional, Union
 from torch import nn
 
 from ..core.adapter_io import load_mole, save_mole
-from .adapter_info import CARD_NAME, AdapterInfo, model_card
+from .adapter_info import CARD_NAME, INFO_NAME, AdapterInfo, model_card
 
-__all__ = ["save_adapter", "from_pretrained", "load_adapter_tokenizer", "push_to_hub"]
+__all__ = ["save_adapter", "from_pretrained", "load_adapter_tokenizer", "push_to_hub", "adapter_folder", "RUN_ADAPTER"]
+
+RUN_ADAPTER = "adapter"  # the final (best-epoch) adapter inside a run folder
 
 PathLike = Union[str, Path]
 
@@ -28,9 +30,13 @@ def save_adapter(model: nn.Module, directory: PathLike, info: AdapterInfo,
 
 
 def _local_folder(adapter: PathLike) -> Path:
-    """``adapter`` itself when it is a folder, else a hub repository id downloaded to the cache."""
+    """``adapter`` itself when it is a folder (a run folder stands for its ``adapter/``), else a hub
+    repository id downloaded to the cache."""
     path = Path(adapter).expanduser()
     if path.is_dir():
+        # A run folder holds its final adapter in adapter/; accepting the run folder saves typing it.
+        if not (path / INFO_NAME).is_file() and (path / RUN_ADAPTER / INFO_NAME).is_file():
+            return path / RUN_ADAPTER
         return path
     if path.exists() or str(adapter).count("/") != 1:
         raise FileNotFoundError(f"{adapter}: not an adapter folder nor a hub repository id (owner/name)")
@@ -41,6 +47,11 @@ def _local_folder(adapter: PathLike) -> Path:
     except Exception as error:  # hub unreachable, repository missing or gated
         raise ConnectionError(f"could not download adapter {adapter!r} from the Hugging Face hub "
                               f"({type(error).__name__}: {str(error)[:200]}); pass a local folder") from None
+
+
+def adapter_folder(adapter: PathLike) -> Path:
+    """The local adapter folder ``adapter`` names: itself, a run folder's ``adapter/``, or a hub download."""
+    return _local_folder(adapter)
 
 
 def load_adapter_tokenizer(adapter: PathLike, tokenizer: Optional[str] = None):
@@ -56,7 +67,8 @@ def from_pretrained(adapter: PathLike, base_model: Optional[str] = None, tokeniz
     """The base model named in the adapter folder (or ``base_model``, a hub id or local directory)
     with the adapter applied, in eval mode.
 
-    ``adapter`` is a folder written by the trainer (``adapter/``) or a hub repository id. A
+    ``adapter`` is a folder written by the trainer (``adapter/``, or the run folder holding it) or a
+    hub repository id. A
     ``random:<family>`` base is rebuilt from the run's seed, as the trainer built it.
     """
     from accelerate.utils import set_seed

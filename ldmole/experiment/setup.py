@@ -1,27 +1,42 @@
-"""What training, routing plots and the λ probe share: a run's task data, tokenizer and token
-features; its base model; batches; and prediction over a loader (:func:`evaluate`)."""
+"""What training, evaluation, routing plots and the λ probe share: a run's config, task data (any
+split), tokenizer and token features; its base model; batches; and prediction over a loader
+(:func:`evaluate`, with routing statistics: :func:`evaluate_routing`)."""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import TaskData, collate, encode_classification, encode_qa, get_chat_format, load_task, pad_token_id_for
+from ..core.records import routing_records
+from .adapter_info import AdapterInfo
+from .data import (Example, TaskData, collate, encode_classification, encode_qa, get_chat_format, load_split_rows,
+                   load_task, pad_token_id_for)
+from .data.examples import rows_to_examples
 from .data.features import IGNORE_INDEX
-from .data.tasks import TaskSpec
+from .data.splits import carve_train_validation_test
+from .data.tasks import TaskSpec, get_task
 from .evaluation import classification_metrics, option_scores, qa_metrics
 from .models import language_model_parts, load_base_model, load_tokenizer, resolve_model_source
+from .routing_stats import RoutingStats
 from .run_config import RunConfig
 
 __all__ = ["SelectedLogits", "answer_positions", "train_collate", "eval_collate", "Encoder", "RunData",
-           "load_run_task", "load_run_tokenizer", "load_run_data", "build_base_model", "eval_loader", "evaluate"]
+           "load_run_config", "adapter_run_config", "load_run_task", "load_run_tokenizer", "load_run_data",
+           "RUN_SPLITS", "load_split_examples", "build_base_model", "eval_loader", "autocast_for", "evaluate",
+           "evaluate_routing"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# --split names that mean what the run's protocol makes of the task (any other name is a source split).
+RUN_SPLITS = ("evaluation", "selection")
 
 
 class SelectedLogits(nn.Module):
@@ -109,6 +124,40 @@ class Encoder:
         return pad_token_id_for(self.tokenizer)
 
 
+def load_run_config(run_dir: Union[str, Path], data_dir: Optional[str] = None,
+                    tokenizer: Optional[str] = None) -> RunConfig:
+    """The run's config (config.yaml re-validated), with the given path overrides.
+
+    A relative data_dir / tokenizer that does not exist from the current directory but does from
+    the repository root (where run.sh and ldmole-sweep run) is taken from there.
+    """
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass a run folder written by ldmole.cli.train")
+    saved = yaml.safe_load(path.read_text()) or {}
+    saved.pop("task_name", None)  # written by runs from before configs/tasks/ was replaced by the task registry
+    for key in ("data_dir", "tokenizer"):
+        value = saved.get(key)
+        if value and not Path(value).is_absolute() and not Path(value).exists() and (REPO_ROOT / value).exists():
+            saved[key] = str(REPO_ROOT / value)
+    if data_dir is not None:
+        saved["data_dir"] = data_dir
+    if tokenizer is not None:
+        saved["tokenizer"] = tokenizer
+    return RunConfig.from_flat(saved)
+
+
+def adapter_run_config(info: AdapterInfo, data_dir: Optional[str] = None, tokenizer: Optional[str] = None) -> RunConfig:
+    """A run config rebuilt from an adapter folder's record alone (no config.yaml): its model, task,
+    method, seed and prompt format; data settings are the defaults (protocol "selection", all examples)."""
+    flat = {"task": info.task, "method": info.method, "seed": info.seed, "model_source": info.base_model,
+            "tokenizer": tokenizer or info.tokenizer, "chat_format": info.chat_format, "torch_dtype": info.torch_dtype,
+            "random_init": dict(info.random_init or {}), "data_dir": data_dir}
+    if info.model:
+        flat["model"] = info.model
+    return RunConfig.from_flat(flat)
+
+
 def load_run_task(config: RunConfig, eval_only: bool = False) -> TaskData:
     """The run's task under its protocol and selection carve (``eval_only``: no training split needed)."""
     data = config.data
@@ -154,6 +203,40 @@ def load_run_data(config: RunConfig) -> RunData:
     return RunData(task, encoder, train_examples, selection_examples, eval_examples)
 
 
+def load_split_examples(config: RunConfig, split: str) -> list[Example]:
+    """The examples of one split of the run's task, all of them, in file order.
+
+    ``evaluation`` is the split a run reports (its metrics.json accuracy) and ``selection`` the one
+    it picks its best epoch on, both as the run's protocol, selection_size and seed define them
+    (docs/method.md §4); ``evaluation`` reads no training data, so it also works for tasks that have
+    no local train split (HellaSwag). Any other name is a split of the task's source data (``train``,
+    ``validation``, ``test``); for MMLU-Pro, which has one source split, those are its fixed 80/10/10
+    carves. Training-split examples get the training prompts (they differ for MMLU-Pro).
+
+    Raises:
+        ValueError: ``selection`` without a training split (naming --split evaluation instead).
+        FileNotFoundError: no local file for a source split (naming the path tried).
+    """
+    data = config.data
+    if split == "evaluation":  # the same examples with or without training data, so none is read
+        return load_run_task(config, eval_only=True).evaluation
+    if split == "selection":
+        try:
+            return load_run_task(config).selection
+        except FileNotFoundError as error:
+            raise ValueError(f"--split selection is carved from the training split, which is missing ({error}); "
+                             "use --split evaluation or a source split such as validation") from None
+    spec = get_task(config.task)
+    if spec.carved_from_one_split and split in ("train", "validation", "test"):
+        rows = load_split_rows(spec, spec.train_split, data.data_dir)
+        carve = dict(zip(("train", "validation", "test"), carve_train_validation_test(len(rows))))
+        rows = [rows[i] for i in carve[split]]
+    else:
+        rows = load_split_rows(spec, split, data.data_dir)
+    examples, _ = rows_to_examples(spec, rows, split, data.skip_bad_rows, training=split == "train")
+    return examples
+
+
 def build_base_model(config: RunConfig, spec: TaskSpec, tokenizer) -> nn.Module:
     """The run's base model (no MoLE yet), created right after seeding with the run seed, so that a
     random base, and the MoLE weights injected next, are the same in training and in every rerun."""
@@ -170,6 +253,17 @@ def eval_loader(features: list[dict], batch_size: int, pad_token_id: int, kind: 
     return DataLoader(features, batch_size=batch_size, collate_fn=partial(eval_collate, pad_token_id=pad_token_id,
                                                                           kind=kind),
                       generator=torch.Generator().manual_seed(seed))
+
+
+def autocast_for(mixed_precision: str, device: Union[str, torch.device]) -> Callable:
+    """The autocast context factory of a run's ``mixed_precision`` (no, bf16, fp16) on ``device``,
+    what accelerate's ``autocast`` gives the trainer, so that a rerun computes in the same precision."""
+    if mixed_precision == "no":
+        return nullcontext
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if mixed_precision not in dtypes:
+        raise ValueError(f"mixed_precision={mixed_precision!r} is unknown; choose no, bf16 or fp16")
+    return partial(torch.autocast, device_type=torch.device(device).type, dtype=dtypes[mixed_precision])
 
 
 def _same(value):
@@ -215,3 +309,16 @@ def evaluate(model: SelectedLogits, loader: DataLoader, kind: str, task: str, ex
         metrics = classification_metrics(pred, gold, task)
     metrics["num_examples"] = int(len(pred))
     return metrics
+
+
+def evaluate_routing(model: nn.Module, loader, kind: str, task: str, examples, routing: RoutingStats,
+                     autocast: Callable = nullcontext, progress: Optional[str] = None) -> dict:
+    """:func:`evaluate` of a MoLE model (not wrapped) that adds every forward's routing records to
+    ``routing``; ``progress`` names a tqdm bar over the batches (None: no bar)."""
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc=progress, unit="batch")
+    return evaluate(SelectedLogits(model), loader, kind, task, examples, autocast=autocast,
+                    observe=lambda batch: routing.update(routing_records(model), batch["input_ids"],
+                                                         batch["attention_mask"]))

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
-    "IGNORE_INDEX", "letter_token_ids", "encode_qa", "encode_classification", "collate", "pad_token_id_for",
+    "IGNORE_INDEX", "letter_token_ids", "encode_qa", "encode_classification", "encode_prompt", "end_token_id",
+    "collate", "pad_token_id_for",
 ]
 
 IGNORE_INDEX = -100
@@ -95,7 +96,7 @@ def _special_id(tokenizer: "PreTrainedTokenizerBase", chat_format: ChatFormat, t
     return ids[0]
 
 
-def _end_token_id(tokenizer: "PreTrainedTokenizerBase", chat_format: ChatFormat) -> int:
+def end_token_id(tokenizer: "PreTrainedTokenizerBase", chat_format: ChatFormat) -> int:
     """The single token that closes the answer: the format's ``answer_end`` or the tokenizer eos."""
     text = chat_format.answer_end if chat_format.answer_end is not None else tokenizer.eos_token
     if text is None:
@@ -142,7 +143,7 @@ def encode_qa(
     options = letter_token_ids(tokenizer, example.options)
     head = _head(tokenizer, chat_format)
     tail = _ids(tokenizer, chat_format.suffix)
-    answer_ids = [options[example.options[example.answer]][0], _end_token_id(tokenizer, chat_format)]
+    answer_ids = [options[example.options[example.answer]][0], end_token_id(tokenizer, chat_format)]
     body = _fit_body(
         example.uid, _ids(tokenizer, chat_format.user_text(example.prompt)), len(head) + len(tail) + len(answer_ids), max_length, truncate
     )
@@ -156,6 +157,13 @@ def encode_qa(
         "category": example.category,
         "uid": example.uid,
     }
+
+
+def encode_prompt(prompt: str, tokenizer: "PreTrainedTokenizerBase", chat_format: ChatFormat) -> list[int]:
+    """Token ids of a free-text prompt wrapped as a QA prompt is (`encode_qa` without the answer):
+    the tokenizer's leading specials, prefix, the user text and suffix, ready for generation."""
+    return _head(tokenizer, chat_format) + _ids(tokenizer, chat_format.user_text(prompt)) + \
+        _ids(tokenizer, chat_format.suffix)
 
 
 def encode_classification(
@@ -175,7 +183,7 @@ def encode_classification(
     """
     if example.sentences is None or example.label is None:
         raise ValueError(f"example {example.uid} is not a classification example (no sentences/label)")
-    end = [_end_token_id(tokenizer, chat_format)]
+    end = [end_token_id(tokenizer, chat_format)]
     if chat_format.sentence_separator is not None:
         separator = [_special_id(tokenizer, chat_format, chat_format.sentence_separator, "sentence separator")]
         head: list[int] = []
