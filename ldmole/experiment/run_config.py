@@ -111,7 +111,8 @@ class LoggingConfig:
     """Logs, saved adapters, checkpoints and failure diagnosis."""
 
     log_every: int = setting(10, "optimiser steps per log.jsonl line")
-    report_to: str = setting("none", "none, tensorboard or wandb (when installed)")
+    report_to: str = setting("none", "none, tensorboard or wandb (when installed): step losses, selection accuracy "
+                                     "per epoch, final metrics and routing summary", ("none", "tensorboard", "wandb"))
     save_epoch_adapters: list = setting([1], "also keep the adapter after these epochs (adapter_epoch<N>/)")
     save_every: int = setting(0, "resumable checkpoint every N optimiser steps and at epoch ends; 0 = off")
     keep_checkpoints: int = setting(2, "newest checkpoints kept under output_dir/checkpoints/")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -38,7 +39,8 @@ from .routing_stats import RoutingStats
 from .run_config import OptimConfig, RunConfig
 from .setup import RunData, SelectedLogits, build_base_model, eval_loader, evaluate, load_run_data, train_collate
 
-__all__ = ["train", "Trainer", "TrainState", "LossTerm", "routing_loss_terms", "task_loss", "NonFiniteLossError"]
+__all__ = ["train", "Trainer", "TrainState", "LossTerm", "routing_loss_terms", "task_loss", "NonFiniteLossError",
+           "routing_scalars", "final_scalars"]
 
 LOSS_TERMS = ("task", "lb", "sparsity", "z", "l1")
 
@@ -132,6 +134,37 @@ def _record_nonfinite_modules(model: nn.Module) -> list[str]:
     return seen
 
 
+def routing_scalars(summary: dict[str, Any]) -> dict[str, float]:
+    """A routing summary (``RoutingStats.summary()``) as tracker scalars: overall and per-layer average
+    active experts, the zero-activation rate and, for routers with λ, λ's mean and q05/q50/q95."""
+    if not summary:
+        return {}
+    scalars = {"routing/avg_active_experts": summary["avg_active_experts"],
+               "routing/zero_activation_rate": summary["zero_activation_rate"]}
+    for layer, stats in summary.get("per_layer", {}).items():
+        scalars[f"routing/layer_{int(layer):02d}/active_experts"] = stats["avg_active_experts"]
+    lam = summary.get("lambda")
+    if lam:
+        scalars["routing/lambda_mean"] = lam["mean"]
+        for name in ("q05", "q50", "q95"):
+            if name in lam["quantiles"]:
+                scalars[f"routing/lambda_{name}"] = lam["quantiles"][name]
+    return {tag: float(value) for tag, value in scalars.items()}
+
+
+def final_scalars(metrics: RunMetrics) -> dict[str, float]:
+    """The final evaluation as tracker scalars: accuracy, the best selection accuracy and the task's
+    own metrics (MCC, F1, per-category accuracy) where the task has them."""
+    scalars = {"final/accuracy": metrics.accuracy}
+    for name in ("best_selection_accuracy", "mcc", "f1"):
+        if getattr(metrics, name) is not None:
+            scalars[f"final/{name}"] = getattr(metrics, name)
+    for category, stats in (metrics.per_category or {}).items():
+        # MMLU-Pro categories have spaces; tracker tags are safer without them
+        scalars[f"final/category/{re.sub(r'[^A-Za-z0-9_.-]+', '_', category)}/accuracy"] = stats["accuracy"]
+    return {tag: float(value) for tag, value in scalars.items()}
+
+
 def broadcast_object(accelerator, value):
     """``value`` from the main process on every process."""
     if accelerator.num_processes == 1:
@@ -208,6 +241,7 @@ class Trainer:
         self.config, self.accelerator, self.data, self.base = config, accelerator, data, base
         self.terms, self.controller = terms, controller
         self.main = accelerator.is_main_process
+        self.tracking = config.logging.report_to != "none"  # tensorboard / wandb through accelerate
         self.output_dir = Path(config.output_dir)
         self.log_path = self.output_dir / "log.jsonl"
         optim, encoder = config.optim, data.encoder
@@ -264,7 +298,7 @@ class Trainer:
                 self.log_path.unlink()  # a fresh start: the log of an earlier attempt would interleave with this one
             text = yaml.safe_dump(self.config.to_flat(), sort_keys=False)
             atomic_write(self.output_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
-        if self.config.logging.report_to != "none":
+        if self.tracking:
             self.accelerator.init_trackers("ldmole", config={k: str(v) for k, v in self.config.to_flat().items()})
         return resume_from
 
@@ -402,7 +436,7 @@ class Trainer:
         if self.main:
             with open(self.log_path, "a") as handle:
                 handle.write(json.dumps(entry) + "\n")
-        if self.config.logging.report_to != "none":
+        if self.tracking:
             accelerator.log(entry, step=self.state.step)
 
     def end_epoch(self, epoch: int) -> None:
@@ -416,6 +450,8 @@ class Trainer:
         if self.main:
             with open(self.log_path, "a") as handle:
                 handle.write(json.dumps({"epoch_end": epoch, "step": state.step, "selection": selection}) + "\n")
+        if self.tracking:
+            accelerator.log({"selection/accuracy": float(selection["accuracy"])}, step=state.step)
         if selection["accuracy"] > state.best_accuracy:
             state.best_accuracy, state.best_epoch = selection["accuracy"], epoch
             state.best_state = {k: v.detach().cpu().clone() for k, v in mole_parameters(self.base).items()}
@@ -455,7 +491,8 @@ class Trainer:
         if self.main:
             self.save_adapter(self.output_dir / "adapter", metrics)
             atomic_write(self.output_dir / METRICS_NAME, lambda tmp: Path(tmp).write_text(metrics.to_json()))
-        if config.logging.report_to != "none":
+        if self.tracking:
+            accelerator.log({**final_scalars(metrics), **routing_scalars(metrics.routing)}, step=state.step)
             accelerator.end_training()
         accelerator.wait_for_everyone()
         return metrics
