@@ -158,3 +158,28 @@ def test_a_trained_run_writes_an_adapter_that_from_pretrained_loads(tmp_path):
     assert f"| accuracy | {100 * metrics.accuracy:.2f} |" in card and "Mean active experts per token" in card
     model = from_pretrained(tmp_path / "adapter")
     assert not model.training and any(k.endswith("router.weight") for k in mole_parameters(model))
+
+
+@needs_data
+def test_export_peft_command_writes_peft_files_for_lora_and_refuses_a_mixture(tmp_path, capsys):
+    from ldmole.cli import export_peft
+
+    config = tiny_run_config("method=lora")
+    save_adapter(trained_tiny_model(config, router="lora"), tmp_path / "lora", AdapterInfo.from_run(config, get_task("arc_e")))
+    assert export_peft.main([str(tmp_path / "lora"), str(tmp_path / "peft")]) == 0
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+    config = tiny_run_config()
+    save_adapter(trained_tiny_model(config), tmp_path / "mole", AdapterInfo.from_run(config, get_task("arc_e")))
+    assert export_peft.main([str(tmp_path / "mole"), str(tmp_path / "nope")]) == 2
+    assert "no router" in capsys.readouterr().err and not (tmp_path / "nope").exists()
+
+
+def test_push_to_hub_command_passes_folder_repo_and_privacy(monkeypatch, tmp_path, capsys):
+    from ldmole.cli import push_to_hub as command
+    from ldmole.experiment import pretrained
+
+    calls = []
+    monkeypatch.setattr(pretrained, "push_to_hub", lambda *args, **kwargs: calls.append((args, kwargs)) or "url")
+    assert command.main([str(tmp_path), "me/repo", "--public"]) == 0
+    assert calls == [((str(tmp_path), "me/repo"), {"private": False})] and "url" in capsys.readouterr().out
