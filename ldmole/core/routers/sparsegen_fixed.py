@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 from torch import nn
 
-from ..sparsegen import sparsegen
 from .base import Router
 from .registry import register_router
+from .sparsegen import SparsegenRouter
 
 if TYPE_CHECKING:
     from ..config import MoLEConfig
@@ -35,11 +35,7 @@ class SparsegenFixedRouter(Router):
                 f"fixed_lambda={config.fixed_lambda!r}: router=sparsegen_fixed needs fixed_lambda < 1 (e.g. 0.5)"
             )
 
-    @classmethod
-    def route_scores(cls, scores: torch.Tensor, *, top_k: int = 2, lam: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if lam is None:
-            raise ValueError(f"router={cls.name!r} needs lam")
-        return sparsegen(scores, lam)
+    route_scores = classmethod(SparsegenRouter.route_scores.__func__)  # the same projection; only λ differs
 
     def lam(self, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return torch.full(scores.shape[:-1], self.fixed_lambda, dtype=scores.dtype, device=scores.device)
