@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ldmole import LambdaMLP, MoLELinear, routing_records
-from tests.helpers import SHARED_DATA, needs_data
+from tests.helpers import DATA_DIR, scaled, tokenizer_dir
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 ROUTERS = ["sparsegen", "sparsegen_fixed", "topk", "relu", "softmax", "lora"]
@@ -70,17 +70,16 @@ def test_bf16_backward_on_gpu_gives_float32_adapter_gradients_close_to_fp32(rout
 
 
 @pytest.mark.slow
-@needs_data
 def test_short_bf16_training_run_on_gpu(tmp_path):
     from ldmole.experiment.run_config import compose_config
     from ldmole.experiment.trainer import train
 
-    config = compose_config(["model=tiny_qwen3", "task=arc_e", "method=ldmole", f"data_dir={SHARED_DATA}",
-                             f"tokenizer={SHARED_DATA}/tokenizers/qwen3", f"output_dir={tmp_path}",
+    config = compose_config(["model=tiny_qwen3", "task=arc_e", "method=ldmole", f"data_dir={DATA_DIR}",
+                             f"tokenizer={tokenizer_dir('qwen3')}", f"output_dir={tmp_path}",
                              "mixed_precision=bf16", "max_steps=6", "train_max_examples=48",
                              "eval_max_examples=16", "log_every=2"])
     metrics = train(config)
-    assert metrics.steps == 6 and metrics.num_eval_examples == 16
+    assert metrics.steps == 6 and metrics.num_eval_examples == scaled(16, 8)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if "task" in line]
     assert all(torch.isfinite(torch.tensor(entry["task"])) for entry in log)
     assert metrics.routing["lambda"]["quantiles"]["q95"] > metrics.routing["lambda"]["quantiles"]["q05"]

@@ -10,7 +10,7 @@ import pytest
 from ldmole.experiment.data import TASKS, get_task, load_split_rows, load_task
 from ldmole.experiment.data.examples import MalformedRowError, rows_to_examples
 from ldmole.experiment.data.splits import carve_train_validation_test
-from tests.helpers import SHARED_DATA, needs_data
+from tests.helpers import DATA_DIR, FIXTURE_DATA, SHARED_DATA, needs_data, scaled
 
 # Row counts per local directory and split, from shared/data/SOURCES.md.
 LOCAL_ROW_COUNTS = {
@@ -256,36 +256,58 @@ def test_local_data_rows_match_sources_md(local_dir):
         assert skipped == expected_skips, f"{local_dir}/{split}: {skipped} malformed rows, expected {expected_skips}"
 
 
-@needs_data
 def test_mmlu_pro_carve_is_deterministic_disjoint_and_complete():
-    data = load_task("mmlu_pro", SHARED_DATA)
-    again = load_task("mmlu_pro", SHARED_DATA, seed=7)  # the carve ignores the training seed
+    data = load_task("mmlu_pro", DATA_DIR)
+    again = load_task("mmlu_pro", DATA_DIR, seed=7)  # the carve ignores the training seed
     sizes = (len(data.train), len(data.selection), len(data.evaluation))
-    assert sizes == (9625, 1203, 1204), sizes
+    assert sizes == scaled((9625, 1203, 1204), (6, 1, 1)), sizes
     uids = [[e.uid for e in part] for part in (data.train, data.selection, data.evaluation)]
     assert uids == [[e.uid for e in part] for part in (again.train, again.selection, again.evaluation)]
     everything = set().union(*map(set, uids))
-    assert len(everything) == 12032 == sum(sizes)
-    reference = load_task("mmlu_pro", SHARED_DATA, protocol="reference", eval_only=True)
+    assert len(everything) == scaled(12032, 8) == sum(sizes)
+    reference = load_task("mmlu_pro", DATA_DIR, protocol="reference", eval_only=True)
     assert [e.uid for e in reference.evaluation] == uids[1] and reference.train == []
     with pytest.raises(ValueError, match="drop selection_size"):
-        load_task("mmlu_pro", SHARED_DATA, selection_size=100)
+        load_task("mmlu_pro", DATA_DIR, selection_size=100)
 
 
-@needs_data
 def test_hellaswag_needs_eval_only_because_its_train_split_is_absent():
     with pytest.raises(FileNotFoundError) as caught:
-        load_task("hellaswag", SHARED_DATA)
+        load_task("hellaswag", DATA_DIR)
     message = str(caught.value)
-    assert str(SHARED_DATA / "hellaswag" / "train.jsonl") in message and "eval_only=True" in message, message
-    data = load_task("hellaswag", SHARED_DATA, eval_only=True)
-    assert (len(data.train), len(data.selection), len(data.evaluation)) == (0, 0, 10042)
+    assert str(DATA_DIR / "hellaswag" / "train.jsonl") in message and "eval_only=True" in message, message
+    data = load_task("hellaswag", DATA_DIR, eval_only=True)
+    assert (len(data.train), len(data.selection), len(data.evaluation)) == (0, 0, scaled(10042, 8))
+
+
+def test_arc_challenge_protocols_split_train_and_keep_validation_for_reporting():
+    data = load_task("arc_c", DATA_DIR)
+    assert (len(data.train), len(data.selection), len(data.evaluation)) == scaled((1008, 111, 299), (7, 1, 8))
+    reference = load_task("arc_c", DATA_DIR, protocol="reference")
+    assert (len(reference.train), len(reference.selection)) == scaled((1119, 299), (8, 8))
+    assert [e.uid for e in reference.selection] == [e.uid for e in data.evaluation]
+
+
+# ---- the in-repository fixture ------------------------------------------------------------
+
+FIXTURE_FILES = sorted(path.relative_to(FIXTURE_DATA) for path in FIXTURE_DATA.glob("*/*.jsonl"))
+
+
+@pytest.mark.parametrize("local_dir", sorted({spec.local_dir for spec in TASKS.values()} - {"swag"}))
+def test_fixture_has_every_split_a_task_reads_and_every_row_is_valid(local_dir):
+    spec = TASK_OF_DIR[local_dir]
+    for split in sorted({spec.train_split, spec.eval_split}):
+        if local_dir == "hellaswag" and split == "train":
+            continue  # no train split exists locally (SOURCES.md)
+        rows = load_split_rows(spec, split, FIXTURE_DATA)
+        examples, skipped = rows_to_examples(spec, rows, split, skip_bad_rows=True)
+        assert len(rows) == 8 and skipped == 0, f"{local_dir}/{split}: {len(rows)} rows, {skipped} malformed"
 
 
 @needs_data
-def test_arc_challenge_protocols_split_train_and_keep_validation_for_reporting():
-    data = load_task("arc_c", SHARED_DATA)
-    assert (len(data.train), len(data.selection), len(data.evaluation)) == (1008, 111, 299)
-    reference = load_task("arc_c", SHARED_DATA, protocol="reference")
-    assert (len(reference.train), len(reference.selection)) == (1119, 299)
-    assert [e.uid for e in reference.selection] == [e.uid for e in data.evaluation]
+@pytest.mark.parametrize("relative", FIXTURE_FILES, ids=[str(path) for path in FIXTURE_FILES])
+def test_fixture_rows_are_the_first_rows_of_the_shared_data(relative):
+    fixture = (FIXTURE_DATA / relative).read_text().splitlines()
+    with open(SHARED_DATA / relative) as handle:
+        shared = [next(handle).rstrip("\n") for _ in fixture]
+    assert fixture == shared, f"{relative} must be the first {len(fixture)} rows of the shared copy, verbatim"

@@ -12,7 +12,7 @@ import torch
 from ldmole import LambdaMLP, MoLEConfig, get_mole_model, load_mole, routing_records, save_mole
 from ldmole.core.injection import LAMBDA_MLPS_ATTR
 from ldmole.experiment.run_config import compose_config
-from tests.helpers import needs_data, run_command, tiny_model, tiny_run_args
+from tests.helpers import run_command, tiny_model, tiny_run_args
 
 REFERENCE_START = float(np.log(1.0 / (1.0 + np.exp(2.5))) + 1.0 - 0.01)  # logsigmoid(-2.5) + 1 - eps
 
@@ -140,7 +140,6 @@ def test_router_reads_the_chosen_input(router_input):
 
 
 @pytest.mark.slow
-@needs_data
 @pytest.mark.parametrize("method, spread_above", [("ldmole", True), ("ldmole_reference", False)])
 def test_short_training_run_gives_per_token_lambda_spread_only_with_the_live_init(method, spread_above, tmp_path):
     args = tiny_run_args(task="arc_e") + [f"method={method}", f"output_dir={tmp_path}", "max_steps=8",
@@ -156,7 +155,6 @@ def test_short_training_run_gives_per_token_lambda_spread_only_with_the_live_ini
 
 
 @pytest.mark.slow
-@needs_data
 def test_probe_script_reports_dead_reference_units_and_live_default_units(tmp_path):
     fractions = {}
     for method in ("ldmole", "ldmole_reference"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import signal
 import subprocess
@@ -17,9 +18,9 @@ from safetensors.torch import load_file
 from ldmole.experiment.checkpointing import latest_checkpoint
 from ldmole.experiment.run_config import compose_config
 from ldmole.experiment.trainer import NonFiniteLossError, train
-from tests.helpers import REPO_ROOT, SHARED_DATA, needs_data, run_command, tiny_run_args
+from tests.helpers import DATA_DIR, REPO_ROOT, run_command, scaled, tiny_run_args
 
-pytestmark = [pytest.mark.slow, needs_data]
+pytestmark = [pytest.mark.slow]
 
 TINY = tiny_run_args() + ["train_max_examples=200", "eval_max_examples=32"]
 
@@ -29,7 +30,9 @@ def comparable(metrics: dict) -> dict:
 
 
 def test_resume_after_sigkill_ends_with_the_uninterrupted_metrics(tmp_path):
-    args = TINY + ["method=remole", "num_epochs=2", "max_steps=20", "save_every=3"]
+    # The fixture's 7 training rows make 7 steps per epoch only at batch 1.
+    args = TINY + ["method=remole", "num_epochs=2", "max_steps=20", "save_every=3",
+                   *scaled([], ["batch_size=1", "per_device_batch_size=1"])]
     reference = run_command("ldmole.cli.train", args + [f"output_dir={tmp_path / 'whole'}"])
     assert reference.returncode == 0, reference.stderr[-3000:]
 
@@ -87,8 +90,11 @@ def test_nonfinite_without_debug_is_reported_at_the_next_check(tmp_path):
 def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # accelerate 1.x's `launch --cpu` starts a single process; torchrun starts two and the trainer
     # joins them over gloo (Accelerator(cpu=True) when CUDA is absent).
-    args = TINY + ["method=ldmole", "max_steps=8", "mole.dropout=0.0", "batch_size=8", "per_device_batch_size=4",
-                   "eval_batch_size=16", "log_every=4"]
+    # Every micro-batch full on both processes (an uneven split would duplicate rows): 200 rows in batches of 8,
+    # or 4 of the fixture's 7 rows in one batch of 4.
+    batches = scaled(["batch_size=8", "per_device_batch_size=4"],
+                     ["train_max_examples=4", "batch_size=4", "per_device_batch_size=2"])
+    args = TINY + ["method=ldmole", "max_steps=8", "mole.dropout=0.0", *batches, "eval_batch_size=16", "log_every=4"]
     single = run_command("ldmole.cli.train", args + [f"output_dir={tmp_path / 'one'}"])
     assert single.returncode == 0, single.stderr[-3000:]
     double = run_command("torch.distributed.run", ["--nproc_per_node", "2", "-m", "ldmole.cli.train", *args,
@@ -96,7 +102,7 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert double.returncode == 0, double.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert two["num_processes"] == 2 and two["num_eval_examples"] == one["num_eval_examples"] == 32
+    assert two["num_processes"] == 2 and two["num_eval_examples"] == one["num_eval_examples"] == scaled(32, 8)
     assert two["accuracy"] == one["accuracy"]
     assert two["routing"]["avg_active_experts"] == pytest.approx(one["routing"]["avg_active_experts"], abs=1e-3)
     log_one = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines() if '"lr"' in x]
@@ -106,16 +112,17 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
 
 
 def test_short_last_step_of_an_epoch_matches_training_without_accumulation(tmp_path):
-    # 10 examples at batch 4: the third step has 2 examples, i.e. one of two micro-batches when
-    # per_device_batch_size=2. Its gradient and its logged loss must still be the mean over its examples.
-    # The load-balance loss is off: it is computed per micro-batch and is not additive over examples.
-    base = TINY + ["method=ldmole", "train_max_examples=10", "batch_size=4", "num_epochs=2", "log_every=1",
+    # 10 examples at batch 4 (6 on the fixture): the last step of an epoch has 2 examples, i.e. one of two
+    # micro-batches when per_device_batch_size=2. Its gradient and its logged loss must still be the mean
+    # over its examples. The load-balance loss is off: it is computed per micro-batch and is not additive.
+    examples = scaled(10, 6)
+    base = TINY + ["method=ldmole", f"train_max_examples={examples}", "batch_size=4", "num_epochs=2", "log_every=1",
                    "mole.dropout=0.0", "lb_coef=0", "eval_max_examples=8"]
     logs, weights = [], []
     for per_device in (4, 2):
         out = tmp_path / f"per_device{per_device}"
         metrics = train(compose_config(base + [f"per_device_batch_size={per_device}", f"output_dir={out}"]))
-        assert metrics.steps == 6
+        assert metrics.steps == 2 * math.ceil(examples / 4)
         logs.append([json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"lr"' in x])
         weights.append(load_file(str(out / "adapter" / "adapter.safetensors")))
     for a, b in zip(*logs, strict=True):
@@ -202,7 +209,7 @@ BAD_INPUT = [
     "unknown_model", "unknown_task", "unknown_method", "unknown_key", "top_k_above_experts", "missing_data_dir",
     "malformed_jsonl", "missing_field", "empty_split", "eleven_options", "answer_not_an_option", "too_long"])
 def test_bad_input_errors_name_problem_and_fix(overrides, data, expected, tmp_path):
-    data_dir = bad_data(data, tmp_path / "data") if data and data != "ok" else SHARED_DATA
+    data_dir = bad_data(data, tmp_path / "data") if data and data != "ok" else DATA_DIR
     args = tiny_run_args(data_dir=data_dir) + [f"output_dir={tmp_path / 'out'}", "max_steps=1", *overrides]
     with pytest.raises((ValueError, FileNotFoundError)) as error:
         train(compose_config(args))

@@ -13,7 +13,7 @@ from torch import nn
 import ldmole
 from ldmole import MoLEConfig, MoLELinear, Router, get_mole_model, load_mole, register_router, routing_records, save_mole
 from ldmole.core.routers import BUILTIN_ROUTERS, LORA, aux_losses_of, get_router, router_names
-from tests.helpers import SHARED_DATA, needs_data, tiny_model
+from tests.helpers import DATA_DIR, tiny_model, tokenizer_dir
 
 
 
@@ -101,14 +101,13 @@ def test_outside_router_injects_records_trains_and_round_trips(tmp_path):
 
 
 @pytest.mark.slow
-@needs_data
 def test_outside_router_trains_through_the_trainer(tmp_path):
     from ldmole.experiment.run_config import compose_config
     from ldmole.experiment.trainer import train
 
     train(compose_config([
         "model=tiny_qwen3", "task=arc_e", "method=softmax", "mole.router=test_sigmoid_top1", "lb_coef=1.0",
-        "z_coef=0.01", f"data_dir={SHARED_DATA}", f"tokenizer={SHARED_DATA}/tokenizers/qwen3", "max_steps=2",
+        "z_coef=0.01", f"data_dir={DATA_DIR}", f"tokenizer={tokenizer_dir('qwen3')}", "max_steps=2",
         "train_max_examples=8", "eval_max_examples=4", "batch_size=4", "per_device_batch_size=4",
         "eval_batch_size=4", "log_every=1", "save_epoch_adapters=[]", "mixed_precision=no", f"output_dir={tmp_path}",
     ]))

@@ -11,7 +11,7 @@ import torch
 from ldmole import RoutingRecord
 from ldmole.experiment.routing_stats import RoutingStats
 from ldmole.report import routing_plots as rp
-from tests.helpers import needs_data, tiny_run_args
+from tests.helpers import scaled, tiny_run_args
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -135,6 +135,9 @@ def test_each_plot_function_writes_a_png_from_plain_data(tmp_path):
         rp.plot_token_routing(tokens[:3], weights, tmp_path / "bad.png")
 
 
+EVAL_EXAMPLES = scaled(16, 8)  # the fixture has 8 evaluation rows
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A finished 3-step LD-MoLE run of the tiny Qwen3 on ARC-C (adapter/, adapter_epoch1/, metrics.json)."""
@@ -143,7 +146,8 @@ def tiny_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny_run")
     train(compose_config(tiny_run_args() + ["method=ldmole", f"output_dir={out}", "max_steps=3",
-                          "train_max_examples=48", "selection_size=16", "eval_max_examples=16"]))
+                          "train_max_examples=48", f"selection_size={scaled(16, 2)}",
+                          f"eval_max_examples={EVAL_EXAMPLES}"]))
     return out
 
 
@@ -155,9 +159,8 @@ def plot_routing():
 
 
 @pytest.mark.slow
-@needs_data
 def test_plot_routing_on_a_saved_run_writes_every_figure(tiny_run, plot_routing, tmp_path, capsys):
-    status = plot_routing.main([str(tiny_run), "--out", str(tmp_path), "--num-examples", "16", "--freq-examples", "40",
+    status = plot_routing.main([str(tiny_run), "--out", str(tmp_path), "--num-examples", str(EVAL_EXAMPLES), "--freq-examples", "40",
                                 "--layer", "3", "--module", "down_proj", "--example", "2", "--device", "cpu"])
     err = capsys.readouterr().err
     assert status == 0, err
@@ -168,12 +171,11 @@ def test_plot_routing_on_a_saved_run_writes_every_figure(tiny_run, plot_routing,
     assert "skip zero_activation_rate.png: router 'sparsegen'" in err
     assert "warning" not in err, f"the rerun should reproduce the run's accuracy on the same examples: {err}"
     counts = json.loads((tiny_run / "metrics.json").read_text())["prediction_counts"]
-    assert sum(counts.values()) == 16
+    assert sum(counts.values()) == EVAL_EXAMPLES
     assert "final (adapter/): accuracy" in err and f"predicted answers (class / option index: count) {counts}" in err
 
 
 @pytest.mark.slow
-@needs_data
 def test_plot_routing_names_valid_layers_and_modules(tiny_run, plot_routing, tmp_path, capsys):
     status = plot_routing.main([str(tiny_run), "--out", str(tmp_path), "--num-examples", "4", "--freq-examples", "8",
                                 "--layer", "9", "--device", "cpu"])

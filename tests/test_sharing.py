@@ -15,13 +15,13 @@ from ldmole.experiment.models import load_base_model, load_tokenizer
 from ldmole.experiment.peft_export import export_peft_lora
 from ldmole.experiment.pretrained import from_pretrained, push_to_hub, save_adapter
 from ldmole.experiment.run_config import RunConfig, compose_config
-from tests.helpers import SHARED_DATA, needs_data, tiny_model
+from tests.helpers import DATA_DIR, tiny_model, tokenizer_dir
 
 
 
 def tiny_run_config(*overrides: str) -> RunConfig:
     """The composed config of a tiny random Qwen3 run on ARC-Easy."""
-    return compose_config(["model=tiny_qwen3", "task=arc_e", f"tokenizer={SHARED_DATA}/tokenizers/qwen3", "seed=7",
+    return compose_config(["model=tiny_qwen3", "task=arc_e", f"tokenizer={tokenizer_dir('qwen3')}", "seed=7",
                            *overrides])
 
 
@@ -38,7 +38,6 @@ def trained_tiny_model(config: RunConfig, router: str = "sparsegen"):
     return model.eval()
 
 
-@needs_data
 def test_from_pretrained_rebuilds_base_and_adapter_from_the_folder_alone(tmp_path):
     config = tiny_run_config()
     model = trained_tiny_model(config)
@@ -55,7 +54,6 @@ def test_from_pretrained_rebuilds_base_and_adapter_from_the_folder_alone(tmp_pat
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=0, rtol=0)
 
 
-@needs_data
 def test_from_pretrained_takes_another_location_of_the_base_model(tmp_path):
     config = tiny_run_config()
     model = trained_tiny_model(config)
@@ -144,12 +142,11 @@ def test_mixture_adapter_export_to_peft_explains_why_not(tmp_path):
         export_peft_lora(model, tmp_path)
 
 
-@needs_data
 @pytest.mark.slow
 def test_a_trained_run_writes_an_adapter_that_from_pretrained_loads(tmp_path):
     from ldmole.experiment.trainer import train
 
-    metrics = train(tiny_run_config(f"data_dir={SHARED_DATA}", f"output_dir={tmp_path}", "max_steps=2",
+    metrics = train(tiny_run_config(f"data_dir={DATA_DIR}", f"output_dir={tmp_path}", "max_steps=2",
                                     "train_max_examples=16", "eval_max_examples=8", "save_epoch_adapters=[1]"))
     for folder in ("adapter", "adapter_epoch1"):
         info = AdapterInfo.read(tmp_path / folder)

@@ -10,7 +10,7 @@ import torch
 import ldmole.experiment.trainer as trainer
 from ldmole.experiment.run_config import OptimConfig, compose_config
 from ldmole.experiment.trainer import _epoch_order, _gradient_accumulation, task_loss, train
-from tests.helpers import needs_data, tiny_run_args
+from tests.helpers import tiny_run_args
 
 # 8 training examples in batches of 4 without accumulation: 2 optimiser steps per epoch.
 TINY = tiny_run_args() + ["method=softmax", "train_max_examples=8", "eval_max_examples=4", "batch_size=4",
@@ -57,7 +57,6 @@ def test_gradient_accumulation_gives_the_global_batch_and_rejects_a_remainder():
 
 
 @pytest.mark.slow
-@needs_data
 def test_trainer_logs_the_task_loss_with_the_configs_label_smoothing(tmp_path, monkeypatch):
     seen = []
 
@@ -81,7 +80,6 @@ def test_trainer_logs_the_task_loss_with_the_configs_label_smoothing(tmp_path, m
 
 
 @pytest.mark.slow
-@needs_data
 def test_logged_lr_drops_by_gamma_at_each_epoch_milestone(tmp_path):
     lr, gamma, milestones = 1e-3, 0.1, [2, 3]
     train(compose_config(TINY + ["num_epochs=4", f"lr={lr}", f"lr_gamma={gamma}", "lr_milestones=[2,3]",

@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Mapping, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,7 +15,7 @@ from torch import nn
 from .config import MoLEConfig
 from .injection import get_mole_model, mole_config_of, mole_layers, mole_parameters
 
-__all__ = ["save_mole", "load_mole", "atomic_write", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_mole", "load_mole", "read_mole_weights", "atomic_write", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "mole_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -36,13 +36,26 @@ def atomic_write(path: PathLike, write) -> None:
             os.unlink(tmp)
 
 
-def save_mole(model: nn.Module, directory: PathLike) -> Path:
-    """Writes the model's MoLE config and trained weights (each shared λ-MLP once) to ``directory``."""
+def save_mole(model: nn.Module, directory: PathLike,
+              state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
+    """Writes the model's MoLE config and trained weights (each shared λ-MLP once) to ``directory``.
+
+    ``state_dict`` (by the names of ``mole_parameters(model)``, exactly those) is written instead of
+    the parameters' own values: under FSDP / ZeRO-3 a process holds only a slice of each parameter,
+    and the trainer passes the full weights gathered with ``accelerator.get_state_dict``.
+    """
     config = mole_config_of(model)
     if config is None:
         raise ValueError("save_mole: the model has no MoLE layers; call get_mole_model(model, config) first")
     directory = Path(directory)
-    tensors = {name: p.detach().to("cpu").contiguous() for name, p in mole_parameters(model).items()}
+    params = mole_parameters(model)
+    if state_dict is not None:
+        missing, unexpected = sorted(set(params) - set(state_dict)), sorted(set(state_dict) - set(params))
+        if missing or unexpected:
+            raise ValueError(f"save_mole: state_dict must hold exactly the MoLE weights: missing {missing[:5]} "
+                             f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)")
+    source = params if state_dict is None else state_dict
+    tensors = {name: source[name].detach().to("cpu").contiguous() for name in params}
     metadata = {"format": "ldmole-adapter-v1", "base_model_class": type(model).__name__}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config.to_json()))
@@ -72,23 +85,35 @@ def load_mole(model: nn.Module, directory: PathLike) -> nn.Module:
             )
     else:
         get_mole_model(model, config)
-    saved = load_file(str(directory / WEIGHTS_NAME))
     expected = mole_parameters(model)
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
+    saved = read_mole_weights(directory, {name: param.shape for name, param in expected.items()})
+    with torch.no_grad():
+        for name, param in expected.items():
+            param.copy_(saved[name].to(param.dtype))
+    return model
+
+
+def read_mole_weights(directory: PathLike, shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """The weights in ``directory/adapter.safetensors``, checked to be exactly ``shapes`` (names and
+    shapes; a sharded model's parameters are slices, so the trainer records the full shapes first).
+
+    Raises:
+        ValueError: a weight is missing, unexpected or of another shape (each named).
+    """
+    directory = Path(directory)
+    saved = load_file(str(directory / WEIGHTS_NAME))
+    missing = sorted(set(shapes) - set(saved))
+    unexpected = sorted(set(saved) - set(shapes))
     if missing or unexpected:
         raise ValueError(
             f"load_mole: adapter in {directory} does not fit this model: missing {missing[:5]} "
             f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all); "
             "was it trained on another base model?"
         )
-    for name, param in expected.items():
-        if saved[name].shape != param.shape:
+    for name, shape in shapes.items():
+        if saved[name].shape != shape:
             raise ValueError(
                 f"load_mole: {name} has shape {tuple(saved[name].shape)} in {directory} but "
-                f"{tuple(param.shape)} in the model; was it trained on another base model or config?"
+                f"{tuple(shape)} in the model; was it trained on another base model or config?"
             )
-    with torch.no_grad():
-        for name, param in expected.items():
-            param.copy_(saved[name].to(param.dtype))
-    return model
+    return saved

@@ -4,8 +4,9 @@ hub repository) in one call, and upload a folder to the hub."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
+import torch
 from torch import nn
 
 from ..core.adapter_io import load_mole, save_mole
@@ -19,11 +20,13 @@ PathLike = Union[str, Path]
 
 
 def save_adapter(model: nn.Module, directory: PathLike, info: AdapterInfo,
-                 metrics: Optional[dict[str, Any]] = None) -> Path:
-    """``save_mole`` plus ``adapter_info.json`` and the model card ``README.md``."""
+                 metrics: Optional[dict[str, Any]] = None,
+                 state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
+    """``save_mole`` (``state_dict``: the gathered weights to write, see there) plus
+    ``adapter_info.json`` and the model card ``README.md``."""
     from ..core.adapter_io import atomic_write
 
-    directory = save_mole(model, directory)
+    directory = save_mole(model, directory, state_dict=state_dict)
     info.write(directory)
     atomic_write(directory / CARD_NAME, lambda tmp: Path(tmp).write_text(model_card(info, metrics)))
     return directory

@@ -46,12 +46,15 @@ class SelectedLogits(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.body, self.head = language_model_parts(model)
+        # A plain tuple, not submodules: registered again, body and head would be reached twice, which
+        # FSDP1's auto-wrap rejects ("Child module ... is already wrapped"), and the state dict would repeat them.
+        self.parts = language_model_parts(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        body, head = self.parts
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        return self.head(picked)
+        return head(picked)
 
 
 def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..core import losses
-from ..core.adapter_io import atomic_write, load_mole, save_mole
+from ..core.adapter_io import atomic_write, load_mole, read_mole_weights, save_mole
 from ..core.injection import get_mole_model, mole_parameters
 from ..core.records import RoutingRecord, routing_records
 from ..core.routers import aux_losses_of
@@ -38,6 +38,8 @@ from .pretrained import save_adapter
 from .routing_stats import RoutingStats
 from .run_config import OptimConfig, RunConfig
 from .setup import RunData, SelectedLogits, build_base_model, eval_loader, evaluate, load_run_data, train_collate
+from .sharding import (clip_parameters, gather_mole_state, is_sharded, load_mole_state, load_optimizer_state,
+                       optimizer_state)
 
 __all__ = ["train", "Trainer", "TrainState", "LossTerm", "routing_loss_terms", "task_loss", "NonFiniteLossError",
            "routing_scalars", "final_scalars"]
@@ -198,7 +200,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # per epoch: epoch, step, selection_accuracy
     best_accuracy: float = -1.0
     best_epoch: Optional[int] = None
-    best_state: Optional[dict[str, torch.Tensor]] = None  # MoLE parameters (CPU) of the best epoch
+    best_state: Optional[dict[str, torch.Tensor]] = None  # MoLE weights (CPU) of the best epoch; sharded: main only
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values for ``torch.save``."""
@@ -252,9 +254,13 @@ class Trainer:
         wrapped = SelectedLogits(base)
         wrapped.train()
         self.trainable = list(mole_parameters(base).values())
+        # Full shapes, recorded before FSDP / ZeRO-3 split the parameters: a resumed adapter is checked against them.
+        self.mole_shapes = {name: param.shape for name, param in mole_parameters(base).items()}
         optimizer = torch.optim.AdamW(self.trainable, lr=optim.lr, weight_decay=optim.weight_decay)
         self.wrapped, self.optimizer, self.selection_loader, self.eval_loader = accelerator.prepare(
             wrapped, optimizer, *loaders)
+        self.sharded = is_sharded(accelerator)
+        self.clip_params = clip_parameters(accelerator, self.wrapped, self.trainable)
         accumulation = accelerator.gradient_accumulation_steps
         micro_batches = math.ceil(len(self.train_features) / (optim.per_device_batch_size * accelerator.num_processes))
         self.steps_per_epoch = math.ceil(micro_batches / accumulation)
@@ -309,8 +315,12 @@ class Trainer:
         if saved["num_processes"] != accelerator.num_processes:
             raise ValueError(f"resume: {directory} was written by {saved['num_processes']} processes but this run "
                              f"has {accelerator.num_processes}; resume with the same number of processes")
-        load_mole(self.base, directory)
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.sharded:  # every process takes its slice of the full weights the main process reads
+            weights = read_mole_weights(directory, self.mole_shapes) if self.main else None
+            load_mole_state(accelerator, self.wrapped, self.base, weights)
+        else:
+            load_mole(self.base, directory)
+        load_optimizer_state(accelerator, self.wrapped, self.optimizer, saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.controller is not None:
             self.controller.load_state_dict(saved["controller"])
@@ -328,9 +338,12 @@ class Trainer:
         tmp = new_checkpoint_tmp(self.output_dir, step) if self.main else None
         tmp = Path(broadcast_object(accelerator, str(tmp) if tmp else None))
         torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
+        # Collective under FSDP / ZeRO-3 (every process gathers, the main one writes).
+        weights = gather_mole_state(accelerator, self.wrapped, self.base)
+        optimizer = optimizer_state(accelerator, self.wrapped, self.optimizer)
         if self.main:
-            save_mole(self.base, tmp)
-            torch.save({"progress": self.state.state_dict(), "optimizer": self.optimizer.state_dict(),
+            save_mole(self.base, tmp, state_dict=weights)
+            torch.save({"progress": self.state.state_dict(), "optimizer": optimizer,
                         "scheduler": self.scheduler.state_dict(),
                         "controller": self.controller.state_dict() if self.controller is not None else None,
                         "num_processes": accelerator.num_processes}, tmp / "trainer_state.pt")
@@ -414,7 +427,7 @@ class Trainer:
             self.running[name] = self.running.get(name, 0.0) + value.detach()
         self.running_micro += 1
         if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(self.trainable, self.config.optim.grad_clip)
+            accelerator.clip_grad_norm_(self.clip_params, self.config.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if accelerator.sync_gradients:
@@ -443,7 +456,7 @@ class Trainer:
         """Selection accuracy, the best epoch's parameters, epoch adapters, and a checkpoint."""
         self.check_finite()
         state, accelerator = self.state, self.accelerator
-        selection = evaluate(accelerator.unwrap_model(self.wrapped), self.selection_loader, self.data.encoder.kind,
+        selection = evaluate(self.eval_model(), self.selection_loader, self.data.encoder.kind,
                              self.config.task, self.data.selection_examples, autocast=accelerator.autocast,
                              gather=accelerator.gather_for_metrics)
         state.history.append({"epoch": epoch, "step": state.step, "selection_accuracy": selection["accuracy"]})
@@ -452,31 +465,39 @@ class Trainer:
                 handle.write(json.dumps({"epoch_end": epoch, "step": state.step, "selection": selection}) + "\n")
         if self.tracking:
             accelerator.log({"selection/accuracy": float(selection["accuracy"])}, step=state.step)
-        if selection["accuracy"] > state.best_accuracy:
+        improved = selection["accuracy"] > state.best_accuracy  # the same on every process (gathered metrics)
+        keep_adapter = epoch in self.config.logging.save_epoch_adapters
+        # Collective under FSDP / ZeRO-3, so every process gathers; there only the main one gets the weights.
+        weights = gather_mole_state(accelerator, self.wrapped, self.base) if improved or keep_adapter else None
+        if improved:
             state.best_accuracy, state.best_epoch = selection["accuracy"], epoch
-            state.best_state = {k: v.detach().cpu().clone() for k, v in mole_parameters(self.base).items()}
-        if self.main and epoch in self.config.logging.save_epoch_adapters:
-            self.save_adapter(self.output_dir / f"adapter_epoch{epoch}")
+            state.best_state = {k: v.clone() for k, v in weights.items()} if weights is not None else None
+        if self.main and keep_adapter:
+            self.save_adapter(self.output_dir / f"adapter_epoch{epoch}", weights=weights)
         state.epoch, state.batches_done = epoch + 1, 0
         if self.config.logging.save_every and state.step < self.total_steps:
             self.save_checkpoint()
 
-    def save_adapter(self, directory: Path, metrics: Optional[RunMetrics] = None) -> None:
-        """The adapter with its base-model record and model card (``ldmole.from_pretrained`` loads it)."""
+    def eval_model(self) -> nn.Module:
+        """The model that evaluation calls: the unwrapped one, except when sharded, where only the
+        prepared model's forward gathers the parameter slices."""
+        return self.wrapped if self.sharded else self.accelerator.unwrap_model(self.wrapped)
+
+    def save_adapter(self, directory: Path, metrics: Optional[RunMetrics] = None,
+                     weights: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """The adapter with its base-model record and model card (``ldmole.from_pretrained`` loads it);
+        ``weights``: the full MoLE weights (from :func:`gather_mole_state`) to write."""
         info = AdapterInfo.from_run(self.config, self.data.task.spec, self.base)
-        save_adapter(self.base, directory, info, metrics.to_dict() if metrics is not None else None)
+        save_adapter(self.base, directory, info, metrics.to_dict() if metrics is not None else None, state_dict=weights)
 
     def finish(self, elapsed_s: float, resumed_from: Optional[Path]) -> RunMetrics:
         """Loads the best epoch, scores the evaluation split with routing statistics, writes the outputs."""
         config, state, accelerator = self.config, self.state, self.accelerator
-        with torch.no_grad():
-            for name, param in mole_parameters(self.base).items():
-                param.copy_(state.best_state[name])
+        load_mole_state(accelerator, self.wrapped, self.base, state.best_state)
         stats = RoutingStats()
-        model = accelerator.unwrap_model(self.wrapped)
-        final = evaluate(model, self.eval_loader, self.data.encoder.kind, config.task, self.data.eval_examples,
-                         autocast=accelerator.autocast, gather=accelerator.gather_for_metrics,
-                         observe=lambda batch: stats.update(routing_records(model.model)))
+        final = evaluate(self.eval_model(), self.eval_loader, self.data.encoder.kind, config.task,
+                         self.data.eval_examples, autocast=accelerator.autocast, gather=accelerator.gather_for_metrics,
+                         observe=lambda batch: stats.update(routing_records(self.base)))
         task = self.data.task
         metrics = RunMetrics(
             **{k: v for k, v in final.items() if k != "num_examples"},
@@ -489,7 +510,7 @@ class Trainer:
             resumed_from=str(resumed_from) if resumed_from else None, wall_time_s=round(elapsed_s, 1),
             num_processes=accelerator.num_processes)
         if self.main:
-            self.save_adapter(self.output_dir / "adapter", metrics)
+            self.save_adapter(self.output_dir / "adapter", metrics, weights=state.best_state)
             atomic_write(self.output_dir / METRICS_NAME, lambda tmp: Path(tmp).write_text(metrics.to_json()))
         if self.tracking:
             accelerator.log({**final_scalars(metrics), **routing_scalars(metrics.routing)}, step=state.step)
