@@ -107,7 +107,7 @@ def sharded_trainer(output_dir: Path, main: bool, monkeypatch) -> Trainer:
     trainer.output_dir, trainer.log_path = output_dir, output_dir / "log.jsonl"
     trainer.data = SimpleNamespace(task=SimpleNamespace(spec=get_task("arc_c")), encoder=SimpleNamespace(kind="qa"),
                                    selection_examples=[])
-    trainer.selection_loader, trainer.controller, trainer.bad_modules = None, None, []
+    trainer.selection_loader, trainer.controller, trainer.bad_modules, trainer.tracking = None, None, [], False
     trainer.state, trainer.total_steps = TrainState(step=3), 10
     trainer.first_bad = torch.full((len(trainer_module.LOSS_TERMS),), -1)
     trainer.optimizer, trainer.scheduler = SimpleNamespace(), SimpleNamespace(state_dict=lambda: {})

@@ -157,7 +157,6 @@ def test_a_trained_run_writes_an_adapter_that_from_pretrained_loads(tmp_path):
     assert not model.training and any(k.endswith("router.weight") for k in mole_parameters(model))
 
 
-@needs_data
 def test_export_peft_command_writes_peft_files_for_lora_and_refuses_a_mixture(tmp_path, capsys):
     from ldmole.cli import export_peft
 
