@@ -276,6 +276,8 @@ class Trainer:
         self.bad_modules = _record_nonfinite_modules(base) if config.logging.debug_nonfinite else []
         self.running: dict[str, torch.Tensor] = {}
         self.running_micro = 0  # micro-batches summed into `running` since the last log line
+        self.step_lr = optim.lr  # the lr the last optimiser step used (what a log line reports)
+        self.progress = None     # the tqdm bar, open while fit() runs
 
     def epoch_loader(self, epoch: int) -> DataLoader:
         """The training batches of ``epoch`` in its seeded order (own generator: see ``eval_loader``)."""
