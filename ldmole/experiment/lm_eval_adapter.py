@@ -40,14 +40,14 @@ def mole_lm(adapter: Union[str, Path], base_model: Optional[str] = None, batch_s
         raise ImportError("mole_lm needs lm-evaluation-harness: pip install 'lm_eval>=0.4,<0.5' "
                           "(or pip install -e '.[lm-eval]')") from error
     from .adapter_info import AdapterInfo
-    from .pretrained import _local_folder, from_pretrained, load_adapter_tokenizer
+    from .pretrained import adapter_folder, from_pretrained, load_adapter_tokenizer
 
-    folder = _local_folder(adapter)
+    folder = adapter_folder(adapter)
     info = AdapterInfo.read(folder)
     if info.model_kind != "causal_lm":
         raise ValueError(f"{adapter}: a {info.model_kind} adapter ({info.task}) has a classification head; "
                          "lm-evaluation-harness scores causal language models only (adapters of QA tasks)")
     model = from_pretrained(folder, base_model=base_model, torch_dtype=torch_dtype).to(device or default_device())
-    tokenizer = load_adapter_tokenizer(folder, base_model if base_model and Path(base_model).is_dir() else None)
+    tokenizer = load_adapter_tokenizer(folder, base_model=base_model)
     # HFLM takes a built model's device and config as they are; "causal" skips its backend guess.
     return HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, max_length=max_length)

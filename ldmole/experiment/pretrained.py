@@ -32,8 +32,8 @@ def save_adapter(model: nn.Module, directory: PathLike, info: AdapterInfo,
     return directory
 
 
-def _local_folder(adapter: PathLike) -> Path:
-    """``adapter`` itself when it is a folder (a run folder stands for its ``adapter/``), else a hub
+def adapter_folder(adapter: PathLike) -> Path:
+    """The local adapter folder ``adapter`` names: itself, a run folder's ``adapter/``, or a hub
     repository id downloaded to the cache."""
     path = Path(adapter).expanduser()
     if path.is_dir():
@@ -52,17 +52,14 @@ def _local_folder(adapter: PathLike) -> Path:
                               f"({type(error).__name__}: {str(error)[:200]}); pass a local folder") from None
 
 
-def adapter_folder(adapter: PathLike) -> Path:
-    """The local adapter folder ``adapter`` names: itself, a run folder's ``adapter/``, or a hub download."""
-    return _local_folder(adapter)
-
-
-def load_adapter_tokenizer(adapter: PathLike, tokenizer: Optional[str] = None):
-    """The tokenizer the adapter was trained with (``tokenizer`` overrides where it comes from)."""
+def load_adapter_tokenizer(adapter: PathLike, tokenizer: Optional[str] = None, base_model: Optional[str] = None):
+    """The tokenizer the adapter was trained with; ``tokenizer`` overrides where it comes from, and
+    so does a ``base_model`` directory (a local copy of the base model holds its tokenizer)."""
     from .models import load_tokenizer, resolve_model_source
 
-    info = AdapterInfo.read(_local_folder(adapter))
-    return load_tokenizer(tokenizer or info.tokenizer or resolve_model_source(info.base_model))
+    info = AdapterInfo.read(adapter_folder(adapter))
+    local_base = base_model if base_model and Path(base_model).is_dir() else None
+    return load_tokenizer(tokenizer or local_base or info.tokenizer or resolve_model_source(info.base_model))
 
 
 def from_pretrained(adapter: PathLike, base_model: Optional[str] = None, tokenizer: Optional[str] = None,
@@ -79,10 +76,10 @@ def from_pretrained(adapter: PathLike, base_model: Optional[str] = None, tokeniz
     from .models import load_base_model
     from .run_config import BackboneConfig
 
-    folder = _local_folder(adapter)
+    folder = adapter_folder(adapter)
     info = AdapterInfo.read(folder)
     source = base_model or info.base_model
-    tok = load_adapter_tokenizer(folder, tokenizer or (base_model if base_model and Path(base_model).is_dir() else None))
+    tok = load_adapter_tokenizer(folder, tokenizer, base_model)
     backbone = BackboneConfig(model_source=source, torch_dtype=torch_dtype or info.torch_dtype,
                               random_init=dict(info.random_init or {}))
     set_seed(info.seed)
