@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -92,23 +93,12 @@ def dense_twin(layer: MoLELinear) -> DenseEinsumMoLE:
     return twin
 
 
-class _OneLinear(nn.Module):
-    """The tiny model PEFT is applied to: one ``nn.Linear`` named ``proj``."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.proj = linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
 def peft_twin(layer: MoLELinear) -> nn.Module:
     """PEFT's ``lora.Linear`` on a copy of ``layer``'s base with its (one-expert, ``router="lora"``) weights."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=layer.r, lora_alpha=layer.scaling * layer.r, target_modules=["proj"], bias="none")
-    twin = get_peft_model(_OneLinear(copy.deepcopy(layer.base_layer)), config).base_model.model.proj
+    twin = get_peft_model(nn.Sequential(OrderedDict(proj=copy.deepcopy(layer.base_layer))), config).base_model.model.proj
     with torch.no_grad():
         twin.lora_A["default"].weight.copy_(layer.lora_A[0])
         twin.lora_B["default"].weight.copy_(layer.lora_B[0])

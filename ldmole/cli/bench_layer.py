@@ -69,6 +69,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -121,17 +122,6 @@ class DenseEinsumMoLE(nn.Module):
         weights = layer._route(x)
         update = torch.einsum("bsno,bsn->bso", expert_out, weights.to(expert_out.dtype))
         return result + (update * layer.scaling).to(result.dtype)
-
-
-class _OneLinear(nn.Module):
-    """The tiny model PEFT is applied to: one ``nn.Linear`` named ``proj``."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.proj = linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,7 +214,7 @@ def build_peft(base: nn.Linear, args: argparse.Namespace) -> Variant:
     rank = args.experts * args.rank
     config = LoraConfig(r=rank, lora_alpha=args.alpha * args.experts, lora_dropout=args.dropout,
                         target_modules=["proj"], bias="none")
-    model = get_peft_model(_OneLinear(base), config)
+    model = get_peft_model(nn.Sequential(OrderedDict(proj=base)), config)  # one Linear named proj
     layer = model.base_model.model.proj  # the injected peft lora.Linear
     with torch.no_grad():
         nn.init.kaiming_uniform_(layer.lora_B["default"].weight, a=math.sqrt(5))
