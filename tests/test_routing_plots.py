@@ -180,3 +180,71 @@ def test_plot_routing_names_valid_layers_and_modules(tiny_run, plot_routing, tmp
     status = plot_routing.main([str(tiny_run), "--out", str(tmp_path), "--num-examples", "4", "--freq-examples", "8",
                                 "--layer", "9", "--device", "cpu"])
     assert status == 2 and "layers 0..3" in capsys.readouterr().err
+
+
+def test_routing_summary_numbers_match_the_per_token_arrays():
+    routing = synthetic_routing()
+    frequencies = np.array([0, 5, 50, 5, 0, 500, 5, 5, 50, 50, 0, 0, 5, 5, 5, 5])
+    summary = rp.routing_summary(routing, frequencies)
+    every = np.concatenate([routing.active(key) for key in routing.modules])
+    assert summary["num_tokens"] == 16 and summary["num_examples"] == 4 and summary["router"] == "sparsegen"
+    assert summary["active_experts"]["mean"] == pytest.approx(every.mean())
+    assert summary["active_experts"]["min"] == every.min()
+    layer2 = np.concatenate([routing.active((2, "q_proj")), routing.active((2, "down_proj"))])
+    assert summary["active_experts"]["per_layer"]["2"]["mean"] == pytest.approx(layer2.mean())
+    assert summary["zero_activation_rate"]["overall"] == pytest.approx((every == 0).mean())
+    assert summary["zero_activation_rate"]["per_layer"]["2"] == pytest.approx((layer2 == 0).mean())
+    lam1 = np.concatenate([routing.lam((1, "q_proj")), routing.lam((1, "down_proj"))])
+    per_layer = summary["lambda"]["per_layer"]["1"]
+    assert per_layer["q05"] == pytest.approx(np.quantile(lam1, 0.05))
+    assert per_layer["spread"] == pytest.approx(np.quantile(lam1, 0.95) - np.quantile(lam1, 0.05))
+    rows = {row["occurrences"]: row for row in summary["active_by_token_frequency"]}
+    assert sum(row["tokens"] for row in rows.values()) == 16
+    assert rows["1–9"]["tokens"] == 8 and rows["0"]["tokens"] == 4
+    per_token = rp.mean_active_per_token(routing)["all modules"]
+    assert rows["10–99"]["mean"] == pytest.approx(per_token[frequencies == 50].mean())
+    json.dumps(summary)  # plain data
+
+
+def test_routing_summary_has_no_lambda_for_routers_without_one():
+    summary = rp.routing_summary(synthetic_routing(router="relu"))
+    assert summary["lambda"] is None and "active_by_token_frequency" not in summary
+
+
+@pytest.fixture(scope="module")
+def frozen_run(tmp_path_factory):
+    """A tiny LD-MoLE run whose one step cannot move its weights (lr 1e-30): its saved adapter is
+    the initial one."""
+    from ldmole.experiment.run_config import compose_config
+    from ldmole.experiment.trainer import train
+
+    out = tmp_path_factory.mktemp("frozen_run")
+    train(compose_config(tiny_run_args() + ["method=ldmole", f"output_dir={out}", "max_steps=1", "lr=1e-30",
+                                            "weight_decay=0", "train_max_examples=48", f"selection_size={scaled(16, 2)}",
+                                            f"eval_max_examples={EVAL_EXAMPLES}"]))
+    return out
+
+
+@pytest.mark.slow
+def test_at_init_reruns_the_adapter_as_training_started_it(frozen_run, tiny_run, plot_routing, tmp_path, capsys):
+    common = ["--num-examples", "6", "--freq-examples", "8", "--device", "cpu"]
+    assert plot_routing.main([str(frozen_run), "--out", str(tmp_path / "saved"), *common]) == 0
+    assert plot_routing.main([str(frozen_run), "--at-init", "--out", str(tmp_path / "init"), *common]) == 0
+    assert plot_routing.main([str(tiny_run), "--at-init", "--out", str(tmp_path / "trained_init"), *common]) == 0
+    assert plot_routing.main([str(tiny_run), "--out", str(tmp_path / "trained"), *common]) == 0
+    capsys.readouterr()
+    read = lambda name: json.loads((tmp_path / name / "routing_summary.json").read_text())  # noqa: E731
+
+    def lambdas(summary):  # every per-layer λ statistic, flattened in layer order
+        return [value for layer in summary["lambda"]["per_layer"].values() for value in layer.values()]
+    saved, init = read("saved"), read("init")
+    assert init["adapter"] == "at initialisation" and saved["adapter"] == "final"
+    assert lambdas(init) == pytest.approx(lambdas(saved), abs=1e-6), \
+        "--at-init must rebuild exactly the adapter training started from"
+    assert init["active_experts"]["per_layer"] == saved["active_experts"]["per_layer"]
+    trained, trained_init = read("trained"), read("trained_init")
+    assert lambdas(trained_init) == pytest.approx(lambdas(init), abs=1e-6), \
+        "both runs share the seed and config, so they start from the same adapter"
+    assert lambdas(trained) != pytest.approx(lambdas(trained_init), abs=1e-6), \
+        "three training steps move λ, so the initial and final summaries must differ"
+    assert_png(tmp_path / "init" / "lambda_per_layer.png")

@@ -149,3 +149,72 @@ def test_run_sh_keeps_the_global_batch_of_16_on_any_gpu_count(gpus, processes, p
     accumulation = 16 // (processes * per_device)
     assert processes * per_device * accumulation == 16, "the global batch must stay 16"
     assert ("cannot be split evenly over" in result.stderr) == (processes != gpus)
+
+
+def finishing_launch(record, barrier=None):
+    """A launch that (optionally) waits at ``barrier``, records how many launches overlap, and writes metrics."""
+    import threading
+    import time
+
+    lock = threading.Lock()
+
+    def launch(job):
+        with lock:
+            record["running"] += 1
+            record["peak"] = max(record["peak"], record["running"])
+        if barrier is not None:
+            barrier.wait()
+        time.sleep(0.05)
+        job.output_dir.mkdir(parents=True, exist_ok=True)
+        (job.output_dir / "metrics.json").write_text("{}")
+        record["env"].append(dict(job.env))
+        with lock:
+            record["running"] -= 1
+        return 0
+    return launch
+
+
+def test_jobs_runs_grid_points_at_once_but_never_more_than_asked(sweep, tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    record = {"running": 0, "peak": 0, "env": []}
+    # Two launches must be in flight together to pass the barrier; one at a time would break it.
+    status, out = run_sweep(sweep, ["--models", "tiny_qwen3", "--tasks", "arc_c", "--methods", "ldmole,remole",
+                                    "--root", str(tmp_path / "a"), "--jobs", "2"],
+                            launch=finishing_launch(record, threading.Barrier(2, timeout=10)))
+    assert status == 0 and record["peak"] == 2
+    assert "sweep: 2 finished, 0 skipped (already finished), 0 failed" in out
+    assert all(int(env["OMP_NUM_THREADS"]) >= 1 for env in record["env"]), "parallel runs share the CPU cores"
+
+    record = {"running": 0, "peak": 0, "env": []}
+    status, out = run_sweep(sweep, ["--models", "tiny_qwen3", "--tasks", "arc_c,rte", "--methods", "ldmole,remole,softmax",
+                                    "--root", str(tmp_path / "b"), "--jobs", "3"], launch=finishing_launch(record))
+    assert status == 0 and record["peak"] <= 3 and len(record["env"]) == 6
+
+
+def test_parallel_failures_are_listed_in_grid_order(sweep, tmp_path):
+    def launch(job):
+        return 5 if job.method != "softmax" else 0
+
+    status, out = run_sweep(sweep, ["--models", "tiny_qwen3", "--tasks", "arc_c", "--methods", "remole,ldmole,softmax",
+                                    "--root", str(tmp_path), "--jobs", "3"], launch=launch)
+    assert status == 1
+    listed = [line.split()[1] for line in out.splitlines() if line.startswith("  FAILED")]
+    assert listed == ["tiny_qwen3/arc_c/remole/seed42", "tiny_qwen3/arc_c/ldmole/seed42",
+                      "tiny_qwen3/arc_c/softmax/seed42"], "exit 0 without metrics.json is a failure too"
+
+
+def test_thread_budget_splits_the_cores_unless_the_environment_sets_it(sweep, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert sweep.thread_budget(1, cpu_count=16) == {}
+    assert sweep.thread_budget(4, cpu_count=16) == {"OMP_NUM_THREADS": "4"}
+    assert sweep.thread_budget(8, cpu_count=2) == {"OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert sweep.thread_budget(4, cpu_count=16) == {}
+
+
+def test_jobs_below_one_is_refused(sweep, tmp_path, capsys):
+    status, _ = run_sweep(sweep, ["--models", "tiny_qwen3", "--tasks", "arc_c", "--methods", "ldmole",
+                                  "--root", str(tmp_path), "--jobs", "0"], launch=lambda job: 0)
+    assert status == 2 and "--jobs 0" in capsys.readouterr().err

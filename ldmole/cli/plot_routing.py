@@ -1,7 +1,7 @@
 """Routing figures of a finished run: reruns its adapter on evaluation examples and writes PNGs.
 
     python -m ldmole.cli.plot_routing runs/qwen3_1.7b/arc_c/ldmole/seed42 [--num-examples 64]
-        [--out DIR] [--layer 12 --module q_proj --example 0] [--data-dir D --tokenizer T]
+        [--out DIR] [--layer 12 --module q_proj --example 0] [--data-dir D --tokenizer T] [--at-init]
 
 Reads RUN_DIR/config.yaml, adapter/ (and adapter_epoch1/ when present), loads the base model and
 the run's evaluation split, runs the first N examples and writes to RUN_DIR/plots (or --out):
@@ -12,6 +12,12 @@ the run's evaluation split, runs the first N examples and writes to RUN_DIR/plot
   expert_share.png               expert share (layer × expert) after epoch 1, at the end, and the change
   zero_activation_rate.png       tokens with no active expert per layer (ReLU routing only)
   token_routing_L<l>_<module>_ex<i>.png   one example's tokens × experts in one layer and module
+  routing_summary.json           the numbers behind them: active experts (overall, per layer, by token
+                                 frequency), zero-activation rate, λ quantiles overall and per layer
+
+--at-init draws the same figures for the adapter as the run's seed initialised it, before any step
+(the run's adapter files are not read; the default folder is RUN_DIR/plots_init), so that a run's
+routing can be compared before and after training.
 
 Relative paths in config.yaml (data_dir, tokenizer) are tried from the current directory, then
 from the repository root; --data-dir / --tokenizer replace them. Plot functions:
@@ -21,6 +27,7 @@ ldmole/report/routing_plots.py.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -28,7 +35,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ldmole import get_router, load_mole
+from ldmole import get_mole_model, get_router, load_mole
 from ldmole.core.routers import LORA
 from ldmole.experiment.data import TaskData
 from ldmole.experiment.metrics import RunMetrics
@@ -70,13 +77,24 @@ def load_inputs(config: RunConfig, num_examples: int, freq_examples: int) -> tup
     return task, encoder, features, features, f"evaluated examples ({len(features)}; no training split found)"
 
 
+INIT_LABEL = "at initialisation"
+
+
 def rerun_adapters(config: RunConfig, task: TaskData, encoder: Encoder, features: list[dict], run_dir: Path,
                    args: argparse.Namespace) -> tuple[dict[str, RoutingStats], dict[str, float]]:
     """Routing and accuracy of the run's adapters (after epoch 1 when saved, and the final one) on ``features``,
-    on the base the run trained on (a random base is rebuilt from the run seed, as train() does)."""
+    on the base the run trained on (a random base is rebuilt from the run seed, as train() does).
+    With ``args.at_init``: of the adapter as train() initialises it (the same seed, then the same injection)."""
     model = build_base_model(config, task.spec, encoder.tokenizer)
     device = torch.device(args.device)
     loader = eval_loader(features, args.batch_size, encoder.pad_token_id, encoder.kind, config.seed)
+    if args.at_init:
+        get_mole_model(model, config.mole)
+        model.to(device).eval()
+        routing, scores = collect(model, loader, encoder.kind, config.task, task.evaluation)
+        print(f"{INIT_LABEL}: accuracy {scores['accuracy']:.3f} on {len(features)} examples; "
+              f"predicted answers (class / option index: count) {scores['prediction_counts']}", file=sys.stderr)
+        return {INIT_LABEL: routing}, {INIT_LABEL: scores["accuracy"]}
     adapters = [("final", run_dir / "adapter")]
     if (run_dir / "adapter_epoch1").is_dir():
         adapters.insert(0, ("after epoch 1", run_dir / "adapter_epoch1"))
@@ -94,11 +112,11 @@ def rerun_adapters(config: RunConfig, task: TaskData, encoder: Encoder, features
 
 
 def write_figures(config: RunConfig, args: argparse.Namespace, out: Path, task: TaskData, tokenizer,
-                  collected: dict[str, RoutingStats], freq_features: list[dict], freq_source: str,
-                  num_examples: int, best: Optional[int], layer: int) -> list[Path]:
-    """Every figure of the module docstring; returns the paths written."""
-    name = f"{config.model} · {config.task} · {config.method}"
-    routing = collected["final"]
+                  collected: dict[str, RoutingStats], accuracy: dict[str, float], freq_features: list[dict],
+                  freq_source: str, num_examples: int, best: Optional[int], layer: int) -> list[Path]:
+    """Every figure of the module docstring and routing_summary.json; returns the paths written."""
+    name = f"{config.model} · {config.task} · {config.method}" + (f" · {INIT_LABEL}" if args.at_init else "")
+    routing = list(collected.values())[-1]  # the final adapter (or the initial one)
     subtitle = f"{name} — {num_examples} {task.spec.eval_split} examples, {len(routing.token_ids)} tokens"
     max_experts = max(len(v) for v in routing.activation_counts.values())
     written = [rp.plot_active_experts_per_layer(rp.active_expert_bands(routing), out / "active_experts_per_layer.png",
@@ -110,6 +128,12 @@ def write_figures(config: RunConfig, args: argparse.Namespace, out: Path, task: 
         print(f"skip lambda_per_layer.png: router {routing.router!r} has no learned λ", file=sys.stderr)
 
     frequencies = token_frequencies(freq_features, max(len(tokenizer), int(routing.token_ids.max()) + 1))
+    summary = {"run_dir": str(args.run_dir), "adapter": INIT_LABEL if args.at_init else "final",
+               "accuracy": accuracy, "frequency_source": freq_source,
+               **rp.routing_summary(routing, frequencies[routing.token_ids])}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "routing_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    written.append(out / "routing_summary.json")
     written.append(rp.plot_active_vs_token_frequency(
         frequencies[routing.token_ids], rp.mean_active_per_token(routing), out / "active_vs_token_frequency.png",
         f"Active experts vs token frequency: {subtitle}", frequency_source=freq_source))
@@ -157,6 +181,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=None, help="replaces config.yaml's data_dir")
     parser.add_argument("--tokenizer", default=None, help="replaces config.yaml's tokenizer")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--at-init", action="store_true",
+                        help="the adapter as the run's seed initialised it, before training (default out: RUN_DIR/plots_init)")
     return parser.parse_args(argv)
 
 
@@ -179,9 +205,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: --example {args.example} is not among the {len(features)} examples run", file=sys.stderr)
         return 2
     collected, accuracy = rerun_adapters(config, task, encoder, features, run_dir, args)
-    routing = collected["final"]
+    routing = list(collected.values())[-1]
     # On the run's own evaluation examples the rerun must agree (bf16 noise may flip one prediction).
-    if metrics is not None and metrics.num_eval_examples == len(features) and \
+    if metrics is not None and not args.at_init and metrics.num_eval_examples == len(features) and \
             abs(metrics.accuracy - accuracy["final"]) > 1.5 / len(features):
         print(f"warning: metrics.json has accuracy {metrics.accuracy:.3f} on the same {len(features)} examples; "
               "the rerun differs, so its base model or data may not be the run's", file=sys.stderr)
@@ -190,8 +216,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: no adapted module {args.module!r} in layer {layer}; layers "
               f"{routing.layers[0]}..{routing.layers[-1]}, modules {', '.join(routing.module_types)}", file=sys.stderr)
         return 2
-    written = write_figures(config, args, args.out or run_dir / "plots", task, encoder.tokenizer, collected,
-                            freq_features, freq_source, len(features), metrics.best_epoch if metrics else None, layer)
+    out = args.out or run_dir / ("plots_init" if args.at_init else "plots")
+    written = write_figures(config, args, out, task, encoder.tokenizer, collected, accuracy, freq_features,
+                            freq_source, len(features), metrics.best_epoch if metrics else None, layer)
     for path in written:
         print(path)
     return 0

@@ -1,7 +1,7 @@
 """Run a grid of models x tasks x methods x seeds, one run.sh launch per run.
 
     python -m ldmole.cli.sweep --models llama3.2_3b --tasks arc_c,arc_e --methods ldmole,mola_8888 \\
-        --seeds 42,43,44 --root runs/sweep [--dry-run] [key=value ...]
+        --seeds 42,43,44 --root runs/sweep [--jobs N] [--dry-run] [key=value ...]
 
 Each run writes <root>/<model>/<task>/<method>/seed<seed>/ through `bash run.sh` (so single-GPU,
 multi-GPU and CPU launching is exactly what run.sh does; NUM_GPUS, MIXED_PRECISION, ... from the
@@ -11,6 +11,12 @@ checkpoints, save_every=N, and starts over otherwise). key=value overrides go to
 run.sh's own arguments, so they win); relative paths in them are relative to the repository
 root, where run.sh runs. Each run's output goes to sweep.log in its folder. A failed run does not
 stop the sweep; failures are listed at the end and the exit status is 1.
+
+--jobs N runs N grid points at once (default 1). Every run still goes through run.sh, so on a GPU
+machine each one uses the GPUs run.sh picks (set NUM_GPUS=1 for N runs sharing one GPU). It pays
+where one run cannot fill the machine: a small model such as SmolLM2-135M issues many small kernels
+and leaves a large GPU mostly idle. Each run then gets OMP_NUM_THREADS = CPU cores // N unless the
+environment sets it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -124,43 +132,85 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def run_jobs(jobs: Sequence[Job], dry_run: bool = False, launch: Callable[[Job], int] = launch,
-             out=sys.stdout) -> list[tuple[Job, int]]:
-    """Runs (or with ``dry_run`` prints) every unfinished job; returns the failed ones with their status."""
-    failures: list[tuple[Job, int]] = []
-    done = skipped = 0
+             out=sys.stdout, parallel: int = 1) -> list[tuple[Job, int]]:
+    """Runs (or with ``dry_run`` prints) every unfinished job, ``parallel`` at a time, in grid order;
+    returns the failed ones with their status, in grid order."""
+    if parallel < 1:
+        raise ValueError(f"--jobs {parallel}: run at least 1 job at a time")
+    todo: list[tuple[str, Job]] = []
+    skipped = 0
     for index, job in enumerate(jobs, 1):
         prefix = f"[{index}/{len(jobs)}]"
         if job.finished:
             skipped += 1
             print(f"# {prefix} skip {job.name}: {job.output_dir / 'metrics.json'} exists", file=out)
-            continue
-        if dry_run:
+        elif dry_run:
             print(job.shell_line(), file=out)
-            continue
-        print(f"{prefix} {job.name} -> {job.output_dir} (log: {LOG_NAME})", file=out, flush=True)
+        else:
+            todo.append((prefix, job))
+    if dry_run:
+        print(f"# dry run: {len(jobs) - skipped} to run, {skipped} skipped (already finished)", file=out)
+        return []
+
+    lock = threading.Lock()
+    stop = threading.Event()  # set by Ctrl-C: runs not yet started are not started
+
+    def say(text: str) -> None:
+        with lock:
+            print(text, file=out, flush=True)
+
+    def run_one(prefix: str, job: Job) -> Optional[int]:
+        """The job's exit status, or None when it was never started (the sweep was interrupted)."""
+        if stop.is_set():
+            return None
+        say(f"{prefix} {job.name} -> {job.output_dir} (log: {LOG_NAME})")
         started = time.time()
         try:
             status = launch(job)
         except KeyboardInterrupt:
-            failures.append((job, 130))
-            print(f"{prefix} interrupted; the remaining runs are not started", file=out)
-            break
+            stop.set()
+            say(f"{prefix} interrupted; the remaining runs are not started")
+            return 130
         if status == 0 and job.finished:
-            done += 1
-            print(f"{prefix} done in {time.time() - started:.0f} s", file=out, flush=True)
-            continue
-        failures.append((job, status))
+            say(f"{prefix} done in {time.time() - started:.0f} s")
+            return 0
         reason = f"exit status {status}" if status else "exit status 0 but it wrote no metrics.json"
-        print(f"{prefix} FAILED ({reason}); last lines of {job.output_dir / LOG_NAME}:\n"
-              f"{_tail(job.output_dir / LOG_NAME)}", file=out, flush=True)
-    if dry_run:
-        print(f"# dry run: {len(jobs) - skipped} to run, {skipped} skipped (already finished)", file=out)
+        say(f"{prefix} FAILED ({reason}); last lines of {job.output_dir / LOG_NAME}:\n"
+            f"{_tail(job.output_dir / LOG_NAME)}")
+        return status if status else 0
+
+    if parallel == 1:
+        statuses = []
+        for prefix, job in todo:
+            statuses.append(run_one(prefix, job))
+            if stop.is_set():
+                break
     else:
-        print(f"\nsweep: {done} finished, {skipped} skipped (already finished), {len(failures)} failed", file=out)
-        for job, status in failures:
-            reason = f"exit status {status}" if status else "wrote no metrics.json"
-            print(f"  FAILED {job.name} ({reason}): {job.output_dir / LOG_NAME}", file=out)
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            futures = [pool.submit(run_one, prefix, job) for prefix, job in todo]
+            try:
+                statuses = [future.result() for future in futures]
+            except KeyboardInterrupt:
+                stop.set()
+                say("interrupted; the remaining runs are not started (runs under way get the interrupt too)")
+                statuses = [future.result() for future in futures]
+    failures = [(job, status) for (_, job), status in zip(todo, statuses) if status is not None and
+                not (status == 0 and job.finished)]
+    done = sum(1 for (_, job), status in zip(todo, statuses) if status == 0 and job.finished)
+    print(f"\nsweep: {done} finished, {skipped} skipped (already finished), {len(failures)} failed", file=out)
+    for job, status in failures:
+        reason = f"exit status {status}" if status else "wrote no metrics.json"
+        print(f"  FAILED {job.name} ({reason}): {job.output_dir / LOG_NAME}", file=out)
     return failures
+
+
+def thread_budget(parallel: int, cpu_count: Optional[int] = None) -> dict[str, str]:
+    """The environment each of ``parallel`` concurrent runs gets: OMP_NUM_THREADS = cores // parallel
+    (at least 1), unless the environment already sets it or runs go one at a time."""
+    if parallel == 1 or "OMP_NUM_THREADS" in os.environ:
+        return {}
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    return {"OMP_NUM_THREADS": str(max(1, cores // parallel))}
 
 
 def main(argv: Optional[Sequence[str]] = None, out=sys.stdout, launch: Callable[[Job], int] = launch) -> int:
@@ -172,17 +222,23 @@ def main(argv: Optional[Sequence[str]] = None, out=sys.stdout, launch: Callable[
     parser.add_argument("--seeds", default="42", help="comma-separated seeds (default 42)")
     parser.add_argument("--root", type=Path, default=Path("runs"),
                         help="runs go to ROOT/<model>/<task>/<method>/seed<seed> (default: runs)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once (default 1); see the module help for when more pays")
     parser.add_argument("--dry-run", action="store_true", help="print the commands (and the skipped runs), run nothing")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides passed to every run")
     args = parser.parse_intermixed_args(argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]  # ValueError names the bad seed
+        if args.jobs < 1:
+            raise ValueError(f"--jobs {args.jobs}: run at least 1 job at a time")
         jobs = build_jobs(_names(args.models, "models"), _names(args.tasks, "tasks"), _names(args.methods, "methods"),
                           seeds, args.root, args.overrides)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    failures = run_jobs(jobs, dry_run=args.dry_run, launch=launch, out=out)
+    for job in jobs:
+        job.env.update(thread_budget(args.jobs))
+    failures = run_jobs(jobs, dry_run=args.dry_run, launch=launch, out=out, parallel=args.jobs)
     return 1 if failures else 0
 
 

@@ -27,7 +27,7 @@ from ..experiment.routing_stats import RoutingStats  # noqa: E402
 
 __all__ = [
     "active_expert_bands", "lambda_by_layer", "zero_activation_by_layer", "expert_share_by_layer",
-    "mean_active_per_token", "frequency_buckets", "token_label",
+    "mean_active_per_token", "frequency_buckets", "token_label", "routing_summary",
     "plot_active_experts_per_layer", "plot_lambda_per_layer", "plot_active_vs_token_frequency",
     "plot_expert_share", "plot_zero_activation_rate", "plot_token_routing",
 ]
@@ -110,6 +110,63 @@ def frequency_buckets(frequencies: np.ndarray) -> tuple[np.ndarray, list[str]]:
         edges.append(edges[-1] * 10)
     labels = ["0"] + [_decade_label(lo, hi) for lo, hi in zip(edges[1:-1], edges[2:])]
     return np.searchsorted(edges, frequencies, side="right") - 1, labels
+
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float]:
+    """``{"mean", "q05", "q25", "q50", "q75", "q95", "spread"}`` of ``values`` (spread = q95 - q05)."""
+    qs = np.quantile(values, QUANTILES)
+    out = {"mean": float(values.mean())}
+    out.update({f"q{round(q * 100):02d}": float(v) for q, v in zip(QUANTILES, qs)})
+    out["spread"] = out["q95"] - out["q05"]
+    return out
+
+
+def routing_summary(routing: RoutingStats, frequencies: Optional[np.ndarray] = None) -> dict:
+    """The numbers behind the figures, as plain JSON-able data.
+
+    ``active_experts``: the active count over every (token, module) and per layer (averaged over the
+    layer's module types, with its smallest value: Sparsegen never goes below 1);
+    ``zero_activation_rate``: the fraction of (token, module) pairs with no active expert, overall and
+    per layer; ``lambda``: λ quantiles over every (token, module) and per layer (None for routers
+    without a learned λ); ``active_by_token_frequency`` (when ``frequencies [N]``, each evaluated
+    token's count in the frequency source, is given): per frequency decade, the tokens in it and
+    their mean active count (averaged over layers and module types) with its standard error.
+    """
+    active = {key: routing.active(key) for key in routing.modules}
+    every = np.concatenate(list(active.values())).astype(np.float64)
+    per_layer_active: dict[str, dict[str, float]] = {}
+    per_layer_zero: dict[str, float] = {}
+    for layer in routing.layers:
+        values = np.concatenate([a for key, a in active.items() if key[0] == layer]).astype(np.float64)
+        per_layer_active[str(layer)] = {"mean": float(values.mean()), "min": float(values.min())}
+        per_layer_zero[str(layer)] = float((values == 0).mean())
+    summary = {
+        "router": routing.router,
+        "num_tokens": int(len(routing.token_ids)),
+        "num_examples": len(routing.example_lengths),
+        "active_experts": {**_quantiles(every), "min": float(every.min()), "per_layer": per_layer_active},
+        "zero_activation_rate": {"overall": float((every == 0).mean()), "per_layer": per_layer_zero},
+        "lambda": None,
+    }
+    lams = lambda_by_layer(routing)
+    if lams:
+        summary["lambda"] = {**_quantiles(np.concatenate(list(lams.values())).astype(np.float64)),
+                             "per_layer": {str(layer): _quantiles(values.astype(np.float64))
+                                           for layer, values in sorted(lams.items())}}
+    if frequencies is not None:
+        per_token = mean_active_per_token(routing)["all modules"]
+        bucket, labels = frequency_buckets(frequencies)
+        rows = []
+        for b, label in enumerate(labels):
+            values = per_token[bucket == b]
+            if values.size:
+                rows.append({"occurrences": label, "tokens": int(values.size), "mean": float(values.mean()),
+                             "se": float(values.std(ddof=0) / np.sqrt(values.size))})
+        summary["active_by_token_frequency"] = rows
+    return summary
 
 
 def _decade_label(lo: int, hi: int) -> str:
