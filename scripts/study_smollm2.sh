@@ -7,12 +7,13 @@
 #
 # Stages: calibration headline ablations figures (default: all four, in that order).
 #   calibration  plain LoRA on MRPC and RTE at twice the budget (does the task show learning?)
-#   headline     lora softmax mola_2468 remole ldmole ldmole_reference on CoLA, seeds 42 43 44
+#   headline     ldmole ldmole_reference lora softmax mola_2468 remole on CoLA, seeds 42 43 44
 #   ablations    ldmole_sparse_k2 at several sparsity_coef values, sparsegen_fixed, mola_8888 (seed 42)
 #   figures      ldmole-plot-routing of the seed-42 runs on the whole validation split, and of the
 #                ldmole / ldmole_reference adapters at initialisation
 # Settings (environment): ROOT (default runs/study), DATA_DIR (required), JOBS (runs at once, default
-# 1; on one GPU 8 pay, see ldmole-sweep --help), SPARSITY_COEFS (default "0.1 1 10 100"), EXTRA
+# 1; on one GPU 8 pay, see ldmole-sweep --help), SEEDS and METHODS (of the headline stage, default
+# 42,43,44 and the six above), SPARSITY_COEFS (default "1 10 100 0.1"), EXTRA
 # (key=value overrides added to every run, e.g. EXTRA="max_steps=2" for a smoke test) and
 # FIGURE_EXAMPLES (validation examples the figures run, default all).
 # Tables afterwards: ldmole-tables $ROOT --digits 2 (and the same on each sparsity_coef_* folder).
@@ -22,8 +23,9 @@ cd "$(dirname "$0")/.."
 ROOT=${ROOT:-runs/study}
 DATA_DIR=${DATA_DIR:?set DATA_DIR to the folder holding glue_cola/, glue_mrpc/, glue_rte/ (e.g. ../shared/data)}
 JOBS=${JOBS:-1}
-SPARSITY_COEFS=${SPARSITY_COEFS:-0.1 1 10 100}
-SEEDS=42,43,44
+SPARSITY_COEFS=${SPARSITY_COEFS:-1 10 100 0.1}
+SEEDS=${SEEDS:-42,43,44}
+METHODS=${METHODS:-ldmole,ldmole_reference,lora,softmax,mola_2468,remole}
 # One budget for every run: 250 optimiser steps of 16 examples at lr 5e-4, 200 training examples
 # held out for selection, the whole validation split scored at the end, float32 everywhere (the
 # CPU calibration's numerics; per-device batch 16 is the same step as 4 x 4 accumulation).
@@ -39,19 +41,18 @@ calibration() {
 }
 
 headline() {
-  sweep --tasks cola --methods ldmole,ldmole_reference,lora,softmax,mola_2468,remole --seeds "$SEEDS" --root "$ROOT" \
-    "${BUDGET[@]}"
+  sweep --tasks cola --methods "$METHODS" --seeds "$SEEDS" --root "$ROOT" "${BUDGET[@]}"
 }
 
 # With JOBS > 1 the commands given to `each` run side by side (then waited for), else one by one.
 each() { if [ "$JOBS" -gt 1 ]; then "$@" & else "$@"; fi; }
 
 ablations() {
-  each sweep --tasks cola --methods sparsegen_fixed,mola_8888 --seeds 42 --root "$ROOT" "${BUDGET[@]}"
   for coef in $SPARSITY_COEFS; do
     each sweep --tasks cola --methods ldmole_sparse_k2 --seeds 42 --root "$ROOT/sparsity_coef_$coef" \
       "${BUDGET[@]}" sparsity_coef="$coef"
   done
+  each sweep --tasks cola --methods sparsegen_fixed,mola_8888 --seeds 42 --root "$ROOT" "${BUDGET[@]}"
   wait
 }
 
