@@ -145,3 +145,58 @@ def test_make_tables_script_prints_markdown_and_writes_files(tmp_path, capsys):
     assert "| LD-MoLE | — | 85.00 |" in printed and "| LD-MoLE · ours − published | — | +1.30 |" in printed
     assert (tmp_path / "tables" / "results.md").is_file() and (tmp_path / "tables" / "llama3.1_8b.csv").is_file()
     assert module.main([str(tmp_path / "empty_dir_that_is_missing")]) == 2
+
+
+def write_glue_run(root: Path, method: str, seed: int, accuracy: float, mcc: float, predictions: dict,
+                   labels=None, wall=100.0, task="cola") -> Path:
+    run = write_run(root, "smollm2_135m", task, method, seed, accuracy, num_eval=1043)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics.update({"mcc": mcc, "prediction_counts": predictions, "wall_time_s": wall,
+                    "label_counts": labels or {"0": 322, "1": 721}})
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def test_task_table_has_majority_rate_standard_errors_and_task_metric(tmp_path):
+    from ldmole.report.tables import format_task_markdown, task_tables
+
+    for seed, acc, mcc in [(42, 0.775, 0.43), (43, 0.765, 0.40), (44, 0.785, 0.45)]:
+        write_glue_run(tmp_path, "lora", seed, acc, mcc, {"0": 200, "1": 843}, wall=700 + seed)
+    write_glue_run(tmp_path, "ldmole", 42, 0.691, 0.0, {"1": 1043})
+    [table] = task_tables(collect_runs(tmp_path))
+    assert (table.model, table.task, table.num_examples, table.majority_label) == ("smollm2_135m", "cola", 1043, "1")
+    assert table.majority_rate == pytest.approx(100 * 721 / 1043)
+    p = 721 / 1043
+    assert table.binomial_se == pytest.approx(100 * np.sqrt(p * (1 - p) / 1043))
+    lora, ldmole = {row.method: row for row in table.rows}["lora"], {row.method: row for row in table.rows}["ldmole"]
+    assert lora.accuracy[0] == pytest.approx(77.5) and lora.accuracy[1] == pytest.approx(1.0)
+    assert lora.seed_se == pytest.approx(1.0 / np.sqrt(3)) and ldmole.seed_se is None
+    assert table.margin_in_se(lora) == pytest.approx((77.5 - 100 * p) / table.binomial_se)
+    assert lora.task_metric[:2] == ("MCC", pytest.approx(0.4267, abs=1e-4))
+    assert ldmole.top_answer_share == 1.0 and lora.top_answer_share == pytest.approx(843 / 1043)
+    assert lora.wall_time_s == pytest.approx(743)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")]
+            for line in format_task_markdown([table]).splitlines() if line.startswith("| ")}
+    assert rows["LoRA"][1:5] == ["3", "77.5 ± 1.0", "0.6", "0.427 ± 0.025"]
+    assert rows["LoRA"][5] == f"{(77.5 - 100 * p) / table.binomial_se:+.1f}"
+    assert rows["LD-MoLE"][1:3] == ["1", "69.1"] and rows["LD-MoLE"][6] == "1.00"
+    assert rows["majority class (1)"][2] == "69.1"
+
+
+def test_task_tables_cover_tasks_outside_the_paper_columns_and_note_mismatched_labels(tmp_path):
+    from ldmole.report.tables import task_tables
+
+    write_glue_run(tmp_path, "lora", 42, 0.80, 0.5, {"0": 1, "1": 1042}, task="mrpc")
+    write_glue_run(tmp_path, "lora", 43, 0.80, 0.5, {"0": 1, "1": 1042}, labels={"0": 100, "1": 300}, task="mrpc")
+    [table] = task_tables(collect_runs(tmp_path))
+    assert table.task == "mrpc" and any("gold labels differ" in note for note in table.notes)
+
+
+def test_make_tables_writes_the_per_task_tables(tmp_path, capsys):
+    write_glue_run(tmp_path, "lora", 42, 0.775, 0.43, {"0": 200, "1": 843})
+    from ldmole.cli import make_tables as module
+
+    assert module.main([str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "### smollm2_135m · cola" in printed and "majority class (1)" in printed
+    assert "majority class (1)" in (tmp_path / "tables" / "tasks.md").read_text()

@@ -4,8 +4,9 @@
     ldmole-tables runs/ --out docs/tables --digits 2
 
 One table per model: rows = methods (with docs/method.md §5's published numbers and ours − published
-where the paper has them), columns = MMLU-Pro ... RTE, Avg, active experts. The Markdown is also
-printed. Layout, averaging and footnotes: ldmole/tables.py.
+where the paper has them), columns = MMLU-Pro ... RTE, Avg, active experts. Then one table per
+(model, task) with the majority-class rate and standard errors (tasks.md). The Markdown is also
+printed. Layout, averaging and footnotes: ldmole/report/tables.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ldmole.report.tables import build_tables, collect_runs, format_markdown, write_tables
+from ldmole.report.tables import (build_tables, collect_runs, format_markdown, format_task_markdown, task_tables,
+                                  write_tables)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -35,8 +37,13 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return 1
     tables = build_tables(runs)
+    per_task = format_task_markdown(task_tables(runs), args.digits)
     print(format_markdown(tables, args.digits))
-    written = write_tables(tables, args.out or args.root / "tables", args.digits)
+    print("## Per task\n\n" + per_task)
+    out = args.out or args.root / "tables"
+    written = write_tables(tables, out, args.digits)
+    (out / "tasks.md").write_text(per_task)
+    written.append(out / "tasks.md")
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 0
 

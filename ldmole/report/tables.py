@@ -10,6 +10,14 @@ Averages: ``Avg`` is the mean over all nine tasks and is shown only for rows tha
 "Avg (shared)": the mean over the tasks that every one of our rows in that table has (named in a
 footnote), with the published numbers averaged over the same tasks. No row is ever averaged over
 a different task set than the row it is compared with.
+
+Per-task tables (:func:`task_tables`, ``tasks.md``) give what a small study needs to tell methods
+from noise, for every task run (also those outside the paper's columns): per method the seeds, the
+accuracy mean ± sample std, the standard error of that mean over seeds, the binomial standard error
+of one run's accuracy on the split, the task's own metric (MCC for CoLA, F1 for MRPC), the share of
+the most frequent predicted answer (1.00 = a constant answer), active experts and wall time; and a
+"majority class" row: the accuracy of always answering the most frequent gold label, from which each
+method's margin is given in binomial standard errors, sqrt(p (1 - p) / N) at the majority rate p.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ import yaml
 from ..experiment.metrics import METRICS_NAME, RunMetrics
 
 __all__ = ["TASK_COLUMNS", "METHOD_LABELS", "PUBLISHED", "FULL_EVAL_SIZES", "RunResult", "Cell", "ModelTable",
-           "collect_runs", "build_tables", "format_markdown", "write_tables"]
+           "collect_runs", "build_tables", "format_markdown", "write_tables", "TaskRow", "TaskTable", "task_tables",
+           "format_task_markdown"]
 
 # (task config name, column title), in the paper's order.
 TASK_COLUMNS: list[tuple[str, str]] = [
@@ -89,6 +98,10 @@ class RunResult:
     avg_active_experts: Optional[float]
     protocol: Optional[str]
     config: dict = field(default_factory=dict)
+    task_metric: Optional[tuple[str, float]] = None       # ("MCC", value) for CoLA, ("F1", value) for MRPC
+    label_counts: Optional[dict[str, int]] = None
+    prediction_counts: Optional[dict[str, int]] = None
+    wall_time_s: Optional[float] = None
 
 
 @dataclass
@@ -164,6 +177,9 @@ def _read_run(path: Path) -> RunResult:
         num_eval_examples=metrics.num_eval_examples,
         avg_active_experts=(metrics.routing or {}).get("avg_active_experts"),
         protocol=metrics.protocol, config=config if isinstance(config, dict) else {},
+        task_metric=("MCC", metrics.mcc) if metrics.mcc is not None else ("F1", metrics.f1) if metrics.f1 is not None
+        else None,
+        label_counts=metrics.label_counts, prediction_counts=metrics.prediction_counts, wall_time_s=metrics.wall_time_s,
     )
 
 
@@ -362,3 +378,149 @@ def write_tables(tables: Sequence[ModelTable], out_dir: Union[str, Path], digits
             writer.writerows(rows)
         written.append(path)
     return written
+
+
+@dataclass
+class TaskRow:
+    """One method's runs of one task (accuracy in %, the task metric as stored, e.g. MCC in [-1, 1])."""
+
+    method: str
+    runs: list[RunResult]
+
+    def _mean_std(self, values: list[float]) -> tuple[Optional[float], Optional[float]]:
+        if not values:
+            return None, None
+        return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+    @property
+    def accuracy(self) -> tuple[float, Optional[float]]:
+        return self._mean_std([r.accuracy for r in self.runs])  # type: ignore[return-value]
+
+    @property
+    def seed_se(self) -> Optional[float]:
+        """Standard error of the mean accuracy over seeds (sample std / sqrt(n)); None for one run."""
+        _, std = self.accuracy
+        return None if std is None else std / math.sqrt(len(self.runs))
+
+    @property
+    def task_metric(self) -> tuple[Optional[str], Optional[float], Optional[float]]:
+        named = [r.task_metric for r in self.runs if r.task_metric is not None]
+        if len(named) != len(self.runs):
+            return None, None, None
+        return (named[0][0], *self._mean_std([value for _, value in named]))
+
+    @property
+    def top_answer_share(self) -> Optional[float]:
+        """Mean over runs of the share of the evaluation examples given the most frequent predicted answer."""
+        shares = [max(r.prediction_counts.values()) / sum(r.prediction_counts.values())
+                  for r in self.runs if r.prediction_counts]
+        return float(np.mean(shares)) if len(shares) == len(self.runs) else None
+
+    @property
+    def active_experts(self) -> Optional[float]:
+        values = [r.avg_active_experts for r in self.runs if r.avg_active_experts is not None]
+        return float(np.mean(values)) if values else None
+
+    @property
+    def wall_time_s(self) -> Optional[float]:
+        values = [r.wall_time_s for r in self.runs if r.wall_time_s is not None]
+        return float(np.mean(values)) if values else None
+
+
+@dataclass
+class TaskTable:
+    """One (model, task): its method rows, the size of the scored split and its majority-class rate."""
+
+    model: str
+    task: str
+    rows: list[TaskRow]
+    num_examples: Optional[int]
+    majority_label: Optional[str]
+    majority_rate: Optional[float]  # %, of the gold labels of the scored split
+    notes: list[str]
+
+    @property
+    def binomial_se(self) -> Optional[float]:
+        """Binomial standard error (%) of an accuracy at the majority rate on this split."""
+        if self.majority_rate is None or not self.num_examples:
+            return None
+        p = self.majority_rate / 100
+        return 100 * math.sqrt(p * (1 - p) / self.num_examples)
+
+    def margin_in_se(self, row: TaskRow) -> Optional[float]:
+        """(mean accuracy - majority rate) / binomial SE."""
+        se = self.binomial_se
+        return None if se is None or se == 0 else (row.accuracy[0] - self.majority_rate) / se
+
+
+def task_tables(runs: Sequence[RunResult]) -> list[TaskTable]:
+    """One table per (model, task), sorted; methods in row order.
+
+    The majority class comes from the runs' ``label_counts`` (the gold labels of the scored examples);
+    runs scored on different example counts or gold distributions are noted, and the first run's is used.
+    """
+    groups: dict[tuple[str, str], dict[str, list[RunResult]]] = {}
+    for run in sorted(runs, key=lambda r: r.seed):
+        groups.setdefault((run.model, run.task), {}).setdefault(run.method, []).append(run)
+    tables = []
+    for (model, task), by_method in sorted(groups.items()):
+        every = [r for rs in by_method.values() for r in rs]
+        notes = []
+        counted = [r for r in every if r.label_counts]
+        label = rate = None
+        if counted:
+            counts = counted[0].label_counts
+            label = max(counts, key=counts.get)
+            rate = 100.0 * counts[label] / sum(counts.values())
+            if any(r.label_counts != counts for r in counted):
+                notes.append("the runs' gold labels differ (another split or eval_max_examples): "
+                             "the majority rate is the first run's")
+        sizes = sorted({r.num_eval_examples for r in every if r.num_eval_examples})
+        if len(sizes) > 1:
+            notes.append(f"runs were scored on different numbers of examples ({', '.join(map(str, sizes))})")
+        rows = [TaskRow(method, by_method[method]) for method in _method_order(list(by_method))]
+        tables.append(TaskTable(model, task, rows, sizes[0] if sizes else None, label, rate, notes))
+    return tables
+
+
+def _pm(mean: Optional[float], std: Optional[float], digits: int) -> str:
+    if mean is None:
+        return MISSING
+    return _number(mean, digits) + ("" if std is None else f" ± {std:.{digits}f}")
+
+
+def format_task_markdown(tables: Sequence[TaskTable], digits: int = 1) -> str:
+    """Every per-task table as Markdown, one ``###`` section per (model, task) with its notes."""
+    parts = []
+    for table in tables:
+        metric = next((r.task_metric[0] for r in table.rows if r.task_metric[0]), None)
+        headers = ["method", "runs", "accuracy %", "SE over seeds", f"{metric}" if metric else None,
+                   "vs majority (SEs)", "top answer share", "active experts", "wall time (s)"]
+        headers = [h for h in headers if h is not None]
+        lines = [f"### {table.model} · {table.task}", "", "| " + " | ".join(headers) + " |",
+                 "|---|" + "---|" * (len(headers) - 1)]
+        for row in table.rows:
+            name, mean, std = row.task_metric
+            cells = [METHOD_LABELS.get(row.method, row.method), str(len(row.runs)), _pm(*row.accuracy, digits),
+                     _number(row.seed_se, digits)]
+            if metric:
+                cells.append(_pm(mean, std, 3) if name == metric else MISSING)
+            margin = table.margin_in_se(row)
+            cells += [_number(margin, 1, signed=True), _number(row.top_answer_share, 2),
+                      _number(row.active_experts, 2), _number(row.wall_time_s, 0)]
+            lines.append("| " + " | ".join(cells) + " |")
+        if table.majority_rate is not None:
+            cells = [f"majority class ({table.majority_label})", "", _number(table.majority_rate, digits), "",
+                     *([_number(0.0, 3)] if metric else []), _number(0.0, 1, signed=True), "1.00", "", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        n = f"{table.num_examples} " if table.num_examples else ""
+        se = _number(table.binomial_se, 2)
+        lines.append(f"- Accuracy on the {n}scored examples: mean ± sample std over the runs (seeds). "
+                     f"SE over seeds = std / sqrt(runs). Binomial SE of one run at the majority rate: {se} points; "
+                     "vs majority = (mean accuracy - majority rate) / that SE.")
+        lines.append("- top answer share = share of the examples given the most frequent predicted answer "
+                     "(1.00: the same answer for every example). Wall time: mean seconds per run.")
+        lines.extend(f"- Note: {note}." for note in table.notes)
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
