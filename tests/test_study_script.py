@@ -1,0 +1,62 @@
+"""scripts/study_smollm2.sh: the sweeps each stage launches (python replaced by a stub that prints its arguments)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.helpers import REPO_ROOT
+
+SCRIPT = REPO_ROOT / "scripts" / "study_smollm2.sh"
+
+
+def run_script(tmp_path, *stages, **env):
+    stub = tmp_path / "bin"
+    stub.mkdir(exist_ok=True)
+    (stub / "python").write_text('#!/bin/sh\necho "python $*"\n')
+    (stub / "python").chmod(0o755)
+    full_env = {**os.environ, "PATH": f"{stub}:{os.environ['PATH']}", "NUM_GPUS": "0", "ROOT": str(tmp_path / "study"),
+                **env}
+    return subprocess.run(["bash", str(SCRIPT), *stages], env=full_env, capture_output=True, text=True, timeout=60)
+
+
+def sweeps(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("python -m ldmole.cli.sweep")]
+
+
+def test_headline_runs_six_methods_on_three_seeds_at_one_budget(tmp_path):
+    result = run_script(tmp_path, "headline", DATA_DIR="/data", JOBS="4")
+    assert result.returncode == 0, result.stderr
+    [line] = sweeps(result.stdout)
+    assert "--tasks cola --methods ldmole,ldmole_reference,lora,softmax,mola_2468,remole --seeds 42,43,44" in line
+    for setting in ("data_dir=/data", "max_steps=250", "lr=5e-4", "selection_size=200", "--jobs 4"):
+        assert setting in line
+
+
+def test_ablations_tune_the_sparsity_coefficient_each_in_its_own_root(tmp_path):
+    result = run_script(tmp_path, "ablations", DATA_DIR="/data", SPARSITY_COEFS="1 10")
+    lines = sweeps(result.stdout)
+    assert len(lines) == 3
+    assert "--methods ldmole_sparse_k2" in lines[0] and lines[0].endswith("sparsity_coef=1")
+    assert f"--root {tmp_path}/study/sparsity_coef_10" in lines[1]
+    assert "--methods sparsegen_fixed,mola_8888" in lines[2]
+
+
+def test_calibration_doubles_the_budget_and_extra_overrides_come_last(tmp_path):
+    result = run_script(tmp_path, "calibration", DATA_DIR="/data", EXTRA="max_steps=2 eval_max_examples=8")
+    [line] = sweeps(result.stdout)
+    assert "--tasks mrpc,rte --methods lora" in line
+    words = line.split()
+    assert words.index("max_steps=250") < words.index("max_steps=500") < words.index("max_steps=2"), \
+        "the stage's budget overrides the common one, and EXTRA overrides both"
+
+
+@pytest.mark.parametrize("env, stage, message", [
+    ({}, "headline", "set DATA_DIR"),
+    ({"DATA_DIR": "/data"}, "everything", "unknown stage 'everything'"),
+])
+def test_bad_settings_stop_with_a_message(tmp_path, env, stage, message):
+    result = run_script(tmp_path, stage, **env)
+    assert result.returncode != 0 and message in result.stderr
