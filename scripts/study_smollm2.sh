@@ -13,7 +13,7 @@
 #                ldmole / ldmole_reference adapters at initialisation
 # Settings (environment): ROOT (default runs/study), DATA_DIR (required), JOBS (runs at once, default
 # 1; on one GPU 8 pay, see ldmole-sweep --help), SEEDS and METHODS (of the headline stage, default
-# 42,43,44 and the six above), SPARSITY_COEFS (default "1 10 100 0.1"), EXTRA
+# 42,43,44 and the six above), SPARSITY_COEFS (default "1 0.1 0.01"), EXTRA
 # (key=value overrides added to every run, e.g. EXTRA="max_steps=2" for a smoke test) and
 # FIGURE_EXAMPLES (validation examples the figures run, default all).
 # Tables afterwards: ldmole-tables $ROOT --digits 2 (and the same on each sparsity_coef_* folder).
@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 ROOT=${ROOT:-runs/study}
 DATA_DIR=${DATA_DIR:?set DATA_DIR to the folder holding glue_cola/, glue_mrpc/, glue_rte/ (e.g. ../shared/data)}
 JOBS=${JOBS:-1}
-SPARSITY_COEFS=${SPARSITY_COEFS:-1 10 100 0.1}
+SPARSITY_COEFS=${SPARSITY_COEFS:-1 0.1 0.01}
 SEEDS=${SEEDS:-42,43,44}
 METHODS=${METHODS:-ldmole,ldmole_reference,lora,softmax,mola_2468,remole}
 # One budget for every run: 250 optimiser steps of 16 examples at lr 5e-4, 200 training examples
