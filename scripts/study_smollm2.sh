@@ -16,7 +16,8 @@
 # 42,43,44 and the six above), SPARSITY_COEFS (default "1 0.1 0.01"), EXTRA
 # (key=value overrides added to every run, e.g. EXTRA="max_steps=2" for a smoke test) and
 # FIGURE_EXAMPLES (validation examples the figures run, default all).
-# Tables afterwards: ldmole-tables $ROOT --digits 2 (and the same on each sparsity_coef_* folder).
+# Tables afterwards: ldmole-tables $ROOT/smollm2_135m (the sparsity_coef_* folders repeat one method, so
+# each is tabled on its own), and ldmole-routing-report on the figures stage's run folders.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
