@@ -64,7 +64,7 @@ def test_cli_prints_all_three_tables_and_names_a_missing_summary(run_dir, tmp_pa
     text = capsys.readouterr().out
     assert "#### Per layer" in text and "#### Active experts by token frequency" in text
     first = trained["active_by_token_frequency"][0]
-    assert f"{first['mean']:.2f} ± {first['se']:.2f} (n={first['tokens']})" in text
+    assert f"{first['mean']:.2f} ± {first['se']:.3f} (n={first['tokens']})" in text
     assert text == (tmp_path / "report.md").read_text() + "\n"
     assert cli.main([str(tmp_path / "nothing_here")]) == 2
     assert "ldmole-plot-routing" in capsys.readouterr().err

@@ -124,6 +124,6 @@ def token_frequency_markdown(summaries: Sequence[Summary]) -> str:
         cells = [bucket]
         for s in with_rows:
             row = next((r for r in s.data["active_by_token_frequency"] if r["occurrences"] == bucket), None)
-            cells.append(MISSING if row is None else f"{row['mean']:.2f} ± {row['se']:.2f} (n={row['tokens']})")
+            cells.append(MISSING if row is None else f"{row['mean']:.2f} ± {row['se']:.3f} (n={row['tokens']})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
