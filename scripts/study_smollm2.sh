@@ -8,7 +8,8 @@
 # Stages: calibration headline ablations figures (default: all four, in that order).
 #   calibration  plain LoRA on MRPC and RTE at twice the budget (does the task show learning?)
 #   headline     ldmole ldmole_reference lora softmax mola_2468 remole on CoLA, seeds 42 43 44
-#   ablations    ldmole_sparse_k2 at several sparsity_coef values, sparsegen_fixed, mola_8888 (seed 42)
+#   ablations    ldmole_sparse_k2 at several sparsity_coef values, mola_8888, sparsegen_fixed at
+#                λ = -1.589 (seed 42)
 #   figures      ldmole-plot-routing of the seed-42 runs on the whole validation split, and of the
 #                ldmole / ldmole_reference adapters at initialisation
 # Settings (environment): ROOT (default runs/study), DATA_DIR (required), JOBS (runs at once, default
@@ -53,7 +54,10 @@ ablations() {
     each sweep --tasks cola --methods ldmole_sparse_k2 --seeds 42 --root "$ROOT/sparsity_coef_$coef" \
       "${BUDGET[@]}" sparsity_coef="$coef"
   done
-  each sweep --tasks cola --methods sparsegen_fixed,mola_8888 --seeds 42 --root "$ROOT" "${BUDGET[@]}"
+  each sweep --tasks cola --methods mola_8888 --seeds 42 --root "$ROOT" "${BUDGET[@]}"
+  # λ fixed at -1.589: the constant the reference initialisation trains (docs/study_smollm2.md).
+  each sweep --tasks cola --methods sparsegen_fixed --seeds 42 --root "$ROOT/fixed_lambda_-1.589" "${BUDGET[@]}" \
+    mole.fixed_lambda=-1.589
   wait
 }
 

@@ -38,10 +38,12 @@ def test_headline_runs_six_methods_on_three_seeds_at_one_budget(tmp_path):
 def test_ablations_tune_the_sparsity_coefficient_each_in_its_own_root(tmp_path):
     result = run_script(tmp_path, "ablations", DATA_DIR="/data", SPARSITY_COEFS="1 10")
     lines = sweeps(result.stdout)
-    assert len(lines) == 3
+    assert len(lines) == 4
     assert "--methods ldmole_sparse_k2" in lines[0] and lines[0].endswith("sparsity_coef=1")
     assert f"--root {tmp_path}/study/sparsity_coef_10" in lines[1]
-    assert "--methods sparsegen_fixed,mola_8888" in lines[2]
+    assert "--methods mola_8888" in lines[2]
+    assert "--methods sparsegen_fixed" in lines[3] and lines[3].endswith("mole.fixed_lambda=-1.589"), \
+        "the fixed-λ ablation runs at the constant the reference initialisation trains, not the method file's 0.5"
 
 
 def test_calibration_doubles_the_budget_and_extra_overrides_come_last(tmp_path):
