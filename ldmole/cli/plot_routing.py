@@ -88,25 +88,24 @@ def rerun_adapters(config: RunConfig, task: TaskData, encoder: Encoder, features
     model = build_base_model(config, task.spec, encoder.tokenizer)
     device = torch.device(args.device)
     loader = eval_loader(features, args.batch_size, encoder.pad_token_id, encoder.kind, config.seed)
+    adapters: list[tuple[str, Optional[Path]]] = [("final", run_dir / "adapter")]
     if args.at_init:
-        get_mole_model(model, config.mole)
-        model.to(device).eval()
-        routing, scores = collect(model, loader, encoder.kind, config.task, task.evaluation)
-        print(f"{INIT_LABEL}: accuracy {scores['accuracy']:.3f} on {len(features)} examples; "
-              f"predicted answers (class / option index: count) {scores['prediction_counts']}", file=sys.stderr)
-        return {INIT_LABEL: routing}, {INIT_LABEL: scores["accuracy"]}
-    adapters = [("final", run_dir / "adapter")]
-    if (run_dir / "adapter_epoch1").is_dir():
+        adapters = [(INIT_LABEL, None)]  # None: inject as train() does, read no adapter files
+    elif (run_dir / "adapter_epoch1").is_dir():
         adapters.insert(0, ("after epoch 1", run_dir / "adapter_epoch1"))
     else:
         print("note: no adapter_epoch1/ in the run; expert_share.png shows the final adapter only", file=sys.stderr)
     collected, accuracy = {}, {}
     for label, adapter in adapters:
-        load_mole(model, adapter)
+        if adapter is None:
+            get_mole_model(model, config.mole)
+        else:
+            load_mole(model, adapter)
         model.to(device).eval()
         collected[label], scores = collect(model, loader, encoder.kind, config.task, task.evaluation)
         accuracy[label] = scores["accuracy"]
-        print(f"{label} ({adapter.name}/): accuracy {accuracy[label]:.3f} on {len(features)} examples; "
+        source = "" if adapter is None else f" ({adapter.name}/)"
+        print(f"{label}{source}: accuracy {accuracy[label]:.3f} on {len(features)} examples; "
               f"predicted answers (class / option index: count) {scores['prediction_counts']}", file=sys.stderr)
     return collected, accuracy
 

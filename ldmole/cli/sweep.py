@@ -135,8 +135,6 @@ def run_jobs(jobs: Sequence[Job], dry_run: bool = False, launch: Callable[[Job],
              out=sys.stdout, parallel: int = 1) -> list[tuple[Job, int]]:
     """Runs (or with ``dry_run`` prints) every unfinished job, ``parallel`` at a time, in grid order;
     returns the failed ones with their status, in grid order."""
-    if parallel < 1:
-        raise ValueError(f"--jobs {parallel}: run at least 1 job at a time")
     todo: list[tuple[str, Job]] = []
     skipped = 0
     for index, job in enumerate(jobs, 1):
@@ -177,7 +175,7 @@ def run_jobs(jobs: Sequence[Job], dry_run: bool = False, launch: Callable[[Job],
         reason = f"exit status {status}" if status else "exit status 0 but it wrote no metrics.json"
         say(f"{prefix} FAILED ({reason}); last lines of {job.output_dir / LOG_NAME}:\n"
             f"{_tail(job.output_dir / LOG_NAME)}")
-        return status if status else 0
+        return status
 
     if parallel == 1:
         statuses = []
