@@ -34,6 +34,8 @@ METHODS=${METHODS:-ldmole,ldmole_reference,lora,softmax,mola_2468,remole}
 BUDGET=(data_dir="$DATA_DIR" max_steps=250 lr=5e-4 selection_size=200 per_device_batch_size=16 eval_batch_size=32)
 read -r -a extra <<< "${EXTRA:-}"
 FIGURE_EXAMPLES=${FIGURE_EXAMPLES:-100000}
+# λ fixed at -1.589: the constant the reference initialisation trains (docs/study_smollm2.md).
+FIXED_LAMBDA=-1.589
 export MIXED_PRECISION=no NUM_GPUS=${NUM_GPUS:-$(python -c "import torch; print(min(1, torch.cuda.device_count()))")}
 
 sweep() { python -m ldmole.cli.sweep --models smollm2_135m --jobs "$JOBS" "$@" ${extra[@]+"${extra[@]}"} || echo "study: a sweep had failures (listed above); rerun the stage to retry them" >&2; }
@@ -55,17 +57,17 @@ ablations() {
       "${BUDGET[@]}" sparsity_coef="$coef"
   done
   each sweep --tasks cola --methods mola_8888 --seeds 42 --root "$ROOT" "${BUDGET[@]}"
-  # λ fixed at -1.589: the constant the reference initialisation trains (docs/study_smollm2.md).
-  each sweep --tasks cola --methods sparsegen_fixed --seeds 42 --root "$ROOT/fixed_lambda_-1.589" "${BUDGET[@]}" \
-    mole.fixed_lambda=-1.589
+  each sweep --tasks cola --methods sparsegen_fixed --seeds 42 --root "$ROOT/fixed_lambda_$FIXED_LAMBDA" "${BUDGET[@]}" \
+    mole.fixed_lambda="$FIXED_LAMBDA"
   wait
 }
 
 figures() {
   local runs=() run
-  for method in ldmole ldmole_reference softmax mola_2468 remole sparsegen_fixed mola_8888; do
+  for method in ldmole ldmole_reference softmax mola_2468 remole mola_8888; do
     runs+=("$ROOT/smollm2_135m/cola/$method/seed42")
   done
+  runs+=("$ROOT/fixed_lambda_$FIXED_LAMBDA/smollm2_135m/cola/sparsegen_fixed/seed42")
   for coef in $SPARSITY_COEFS; do runs+=("$ROOT/sparsity_coef_$coef/smollm2_135m/cola/ldmole_sparse_k2/seed42"); done
   plot() { python -m ldmole.cli.plot_routing "$@" --num-examples "$FIGURE_EXAMPLES" --batch-size 32 --layer 15 --module q_proj \
              > "$1/plot_routing${2:-}.log" 2>&1 || echo "study: plot_routing $* failed (log: $1/plot_routing${2:-}.log)" >&2; }

@@ -55,6 +55,25 @@ def test_calibration_doubles_the_budget_and_extra_overrides_come_last(tmp_path):
         "the stage's budget overrides the common one, and EXTRA overrides both"
 
 
+def test_figures_plot_every_finished_seed42_run_where_its_stage_wrote_it(tmp_path):
+    study = tmp_path / "study"
+    cola = study / "smollm2_135m" / "cola"
+    finished = [cola / "ldmole" / "seed42", cola / "mola_8888" / "seed42",
+                study / "fixed_lambda_-1.589" / "smollm2_135m" / "cola" / "sparsegen_fixed" / "seed42",
+                study / "sparsity_coef_0.1" / "smollm2_135m" / "cola" / "ldmole_sparse_k2" / "seed42"]
+    for run in finished:
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text("{}")
+        (run / "config.yaml").write_text("{}")
+    result = run_script(tmp_path, "figures", DATA_DIR="/data", SPARSITY_COEFS="0.1")
+    assert result.returncode == 0, result.stderr
+    plotted = {run: (run / "plot_routing.log").read_text() for run in finished if (run / "plot_routing.log").exists()}
+    assert set(plotted) == set(finished), f"not plotted: {sorted(map(str, set(finished) - set(plotted)))}"
+    assert all(text.startswith(f"python -m ldmole.cli.plot_routing {run} ") for run, text in plotted.items())
+    assert (cola / "ldmole" / "seed42" / "plot_routing--at-init.log").exists()
+    assert "skip figures of" in result.stderr and "ldmole_reference" in result.stderr
+
+
 @pytest.mark.parametrize("env, stage, message", [
     ({}, "headline", "set DATA_DIR"),
     ({"DATA_DIR": "/data"}, "everything", "unknown stage 'everything'"),
