@@ -9,7 +9,7 @@ import pytest
 
 from ldmole.cli import routing_report as cli
 from ldmole.report import routing_plots as rp
-from ldmole.report.routing_report import find_summaries, overview_markdown, per_layer_markdown
+from ldmole.report.routing_report import find_summaries, lambda_bands, overview_markdown, per_layer_markdown
 from tests.test_routing_plots import synthetic_routing
 
 
@@ -69,3 +69,59 @@ def test_cli_prints_all_three_tables_and_names_a_missing_summary(run_dir, tmp_pa
     assert cli.main([str(tmp_path / "nothing_here")]) == 2
     assert "ldmole-plot-routing" in capsys.readouterr().err
     assert cli.main([str(run), "--layers", "a,b"]) == 2
+
+
+def metrics_run(tmp_path, routing, name="ldmole", accuracy=0.7):
+    """A run folder holding only a metrics.json whose routing block the trainer's summary() wrote."""
+    run = tmp_path / "smollm2_135m" / "cola" / name / "seed43"
+    run.mkdir(parents=True)
+    metrics = {"accuracy": accuracy, "num_eval_examples": 4, "routing": routing.summary() if routing else None}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def test_a_run_without_plots_reads_the_routing_of_its_metrics(tmp_path):
+    routing = synthetic_routing(seed=3)
+    [summary] = find_summaries([metrics_run(tmp_path, routing)])
+    direct = rp.routing_summary(routing)
+    assert summary.label == "ldmole seed43, trained" and summary.accuracy == pytest.approx(70.0)
+    assert summary.data["active_experts"]["mean"] == pytest.approx(direct["active_experts"]["mean"])
+    for layer, entry in direct["active_experts"]["per_layer"].items():
+        assert summary.data["active_experts"]["per_layer"][layer]["mean"] == pytest.approx(entry["mean"])
+    assert summary.data["zero_activation_rate"]["overall"] == pytest.approx(direct["zero_activation_rate"]["overall"])
+    lam, exact = summary.data["lambda"], direct["lambda"]
+    # The trainer's λ quantiles are inverted-CDF quantiles of 0.01-wide histogram bins (bin centres).
+    lam = summary.data["lambda"]
+    pooled = {layer: np.concatenate([routing.lam(key) for key in routing.modules if key[0] == layer])
+              for layer in routing.layers}
+    for q in ("q05", "q50", "q95"):
+        level = int(q[1:]) / 100
+        assert lam[q] == pytest.approx(np.quantile(np.concatenate(list(pooled.values())), level,
+                                                   method="inverted_cdf"), abs=0.006)
+        for layer, values in pooled.items():
+            assert lam["per_layer"][str(layer)][q] == pytest.approx(np.quantile(values, level, method="inverted_cdf"),
+                                                                    abs=0.006)
+    assert lam["spread"] == pytest.approx(lam["q95"] - lam["q05"]) and lam["q05"] < lam["q50"] < lam["q95"]
+    row = cells(overview_markdown([summary]))["ldmole seed43, trained"]
+    assert row[0] == "4" and row[3] == "—", "metrics.json has no fewest-active count"
+
+
+def test_plots_take_precedence_over_metrics_and_lora_metrics_name_the_fix(run_dir, tmp_path):
+    run, _, _ = run_dir
+    (run / "metrics.json").write_text(json.dumps({"accuracy": 0.1, "routing": synthetic_routing(seed=5).summary()}))
+    assert [s.accuracy for s in find_summaries([run])] == [50.0, 75.0]
+    with pytest.raises(FileNotFoundError, match="no routing in a metrics.json"):
+        find_summaries([metrics_run(tmp_path, None, name="lora")])
+
+
+def test_cli_draws_lambda_per_layer_of_every_run_that_has_one(tmp_path, capsys):
+    sparsegen = metrics_run(tmp_path, synthetic_routing(seed=3))
+    relu = metrics_run(tmp_path, synthetic_routing(seed=4, router="relu"), name="remole")
+    figure = tmp_path / "lambda.png"
+    assert cli.main([str(sparsegen), str(relu), "--lambda-figure", str(figure)]) == 0
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+    bands = lambda_bands(find_summaries([sparsegen, relu]))
+    assert list(bands) == ["ldmole seed43, trained"] and sorted(bands["ldmole seed43, trained"]) == [0, 1, 2]
+    capsys.readouterr()
+    assert cli.main([str(relu), "--lambda-figure", str(tmp_path / "none.png")]) == 2
+    assert "no run with a λ per layer" in capsys.readouterr().err and not (tmp_path / "none.png").exists()

@@ -192,6 +192,26 @@ def test_task_tables_cover_tasks_outside_the_paper_columns_and_note_mismatched_l
     assert table.task == "mrpc" and any("gold labels differ" in note for note in table.notes)
 
 
+def test_majority_row_gives_the_task_metric_of_always_answering_the_majority_class(tmp_path):
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    from ldmole.report.tables import format_task_markdown, task_tables
+
+    for task, labels in [("mrpc", {"0": 129, "1": 279}), ("qqp", {"0": 300, "1": 108})]:
+        run = write_glue_run(tmp_path, "lora", 42, 0.75, 0.0, {"0": 132, "1": 276}, labels=labels, task=task)
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["f1"] = metrics.pop("mcc")
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    for table in task_tables(collect_runs(tmp_path)):
+        counts = {"mrpc": (129, 279), "qqp": (300, 108)}[table.task]
+        gold = [0] * counts[0] + [1] * counts[1]
+        always = [int(table.majority_label)] * len(gold)
+        assert table.majority_metric("F1") == pytest.approx(f1_score(gold, always, zero_division=0))
+        assert table.majority_metric("MCC") == matthews_corrcoef(gold, always) == 0.0
+        row = next(line for line in format_task_markdown([table]).splitlines() if line.startswith("| majority"))
+        assert row.split("|")[5].strip() == f"{f1_score(gold, always, zero_division=0):.3f}"
+
+
 def test_make_tables_writes_the_per_task_tables(tmp_path, capsys):
     write_glue_run(tmp_path, "lora", 42, 0.775, 0.43, {"0": 200, "1": 843})
     from ldmole.cli import make_tables as module

@@ -247,6 +247,29 @@ def plot_lambda_per_layer(lams: Mapping[int, np.ndarray], path: PathLike, title:
     return _save(fig, path)
 
 
+def plot_lambda_bands(bands: Mapping[str, Mapping[int, Mapping[str, float]]], path: PathLike,
+                      title: str = "λ per layer") -> Path:
+    """Median λ per layer (line) and its 5–95% range (band), one colour per label: runs side by side.
+
+    ``bands``: ``{label: {layer: {"q05", "q50", "q95"}}}`` (routing_report.lambda_bands).
+    """
+    if not bands:
+        raise ValueError("no run with a λ per layer to draw (only Sparsegen with a learned λ has one)")
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    for label, color in _colors(list(bands)).items():
+        layers = sorted(bands[label])
+        q = {k: np.array([bands[label][layer][k] for layer in layers]) for k in ("q05", "q50", "q95")}
+        ax.fill_between(layers, q["q05"], q["q95"], color=color, alpha=0.15, lw=0)
+        ax.plot(layers, q["q50"], color=color, lw=1.6, label=label)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("λ  (higher = sparser; λ→1: one expert)")
+    ax.set_title(title + "\n(line: median token, band: 5–95% of tokens × modules)", fontsize=11)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    return _save(fig, path)
+
+
 def plot_active_vs_token_frequency(frequencies: np.ndarray, active: Mapping[str, np.ndarray], path: PathLike,
                                    title: str = "Active experts vs token frequency",
                                    frequency_source: str = "training split") -> Path:

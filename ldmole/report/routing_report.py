@@ -1,6 +1,8 @@
 """Markdown tables that compare the routing of runs, from the ``routing_summary.json`` files that
 ``ldmole-plot-routing`` writes (``RUN_DIR/plots/`` for the trained adapter, ``RUN_DIR/plots_init/``
-with ``--at-init`` for the adapter before training).
+with ``--at-init`` for the adapter before training). A run folder without a trained summary falls
+back to the routing statistics its ``metrics.json`` holds (the same evaluation, measured during
+training's final scoring): all but the fewest-active count and the token-frequency rows.
 
 Three tables: an overview (accuracy, active experts with their smallest value, zero-activation rate,
 λ quantiles), per layer (λ q05–q95 and mean active experts of every summary, side by side), and
@@ -14,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-__all__ = ["Summary", "find_summaries", "overview_markdown", "per_layer_markdown", "token_frequency_markdown"]
+__all__ = ["Summary", "find_summaries", "overview_markdown", "per_layer_markdown", "summary_from_metrics",
+           "token_frequency_markdown", "lambda_bands"]
 
 SUMMARY_NAME = "routing_summary.json"
+METRICS_NAME = "metrics.json"
 FOLDERS = (("plots_init", "before training"), ("plots", "trained"))
 MISSING = "—"
 
@@ -43,9 +47,40 @@ def _run_label(run_dir: Path) -> str:
     return label + (f" (sparsity_coef={coef.split('_', 2)[2]})" if coef else "")
 
 
+def _lambda_quantiles(quantiles: dict, mean: Optional[float]) -> dict:
+    """A routing_summary.json λ entry (q05…q95, spread, mean) from a metrics.json quantile dict."""
+    return {"mean": mean, **quantiles, "spread": quantiles["q95"] - quantiles["q05"]}
+
+
+def summary_from_metrics(metrics: dict) -> Optional[dict]:
+    """The routing_summary.json fields that a run's metrics.json holds, or None when it has no
+    routing statistics (plain LoRA). Its λ quantiles come from a histogram of 0.01-wide bins."""
+    routing = metrics.get("routing")
+    if not routing:
+        return None
+    per_layer = routing.get("per_layer", {})
+    summary = {
+        "num_examples": metrics.get("num_eval_examples"),
+        "accuracy": {"final": metrics["accuracy"]},
+        "active_experts": {"mean": routing["avg_active_experts"],
+                           "per_layer": {k: {"mean": v["avg_active_experts"]} for k, v in per_layer.items()}},
+        "zero_activation_rate": {"overall": routing["zero_activation_rate"],
+                                 "per_layer": {k: v["zero_activation_rate"] for k, v in per_layer.items()}},
+        "lambda": None,
+    }
+    lam = routing.get("lambda")
+    if lam and lam.get("quantiles"):
+        layer_means = lam.get("per_layer_mean", {})
+        summary["lambda"] = {**_lambda_quantiles(lam["quantiles"], lam.get("mean")),
+                             "per_layer": {k: _lambda_quantiles(q, layer_means.get(k))
+                                           for k, q in lam.get("per_layer_quantiles", {}).items()}}
+    return summary
+
+
 def find_summaries(paths: Sequence[Union[str, Path]]) -> list[Summary]:
     """The summaries of ``paths``: a run folder gives its plots_init/ (before training) and plots/
-    (trained) summaries, whichever exist; a routing_summary.json or a folder holding one is taken as is.
+    (trained) summaries, whichever exist, and without plots/ the routing of its metrics.json; a
+    routing_summary.json or a folder holding one is taken as is.
 
     Raises:
         FileNotFoundError: a path holds no summary (the message says how to make one).
@@ -59,13 +94,19 @@ def find_summaries(paths: Sequence[Union[str, Path]]) -> list[Summary]:
             found.append(Summary(path.name, json.loads((path / SUMMARY_NAME).read_text())))
             continue
         here = [(folder, when) for folder, when in FOLDERS if (path / folder / SUMMARY_NAME).is_file()]
-        if not here:
+        from_metrics = None
+        if not (path / "plots" / SUMMARY_NAME).is_file() and (path / METRICS_NAME).is_file():
+            from_metrics = summary_from_metrics(json.loads((path / METRICS_NAME).read_text()))
+        if not here and from_metrics is None:
             raise FileNotFoundError(
-                f"{path}: no {SUMMARY_NAME} in it, nor in its plots/ or plots_init/; run "
-                f"`ldmole-plot-routing {path}` (and with --at-init for the adapter before training)")
+                f"{path}: no {SUMMARY_NAME} in it, nor in its plots/ or plots_init/, and no routing in a "
+                f"{METRICS_NAME}; run `ldmole-plot-routing {path}` (and with --at-init for the adapter before "
+                f"training)")
         for folder, when in here:
             found.append(Summary(f"{_run_label(path)}, {when}",
                                  json.loads((path / folder / SUMMARY_NAME).read_text())))
+        if from_metrics is not None:
+            found.append(Summary(f"{_run_label(path)}, trained", from_metrics))
     return found
 
 
@@ -78,10 +119,10 @@ def overview_markdown(summaries: Sequence[Summary]) -> str:
     lines = ["| routing | examples | accuracy % | active experts (mean) | fewest active | tokens with none active "
              "| λ q05 / q50 / q95 | λ spread q95−q05 |", "|---|---|---|---|---|---|---|---|"]
     for s in summaries:
-        active, lam = s.data["active_experts"], s.data.get("lambda")
+        active, lam, examples = s.data["active_experts"], s.data.get("lambda"), s.data.get("num_examples")
         lam_text = MISSING if lam is None else f"{lam['q05']:.2f} / {lam['q50']:.2f} / {lam['q95']:.2f}"
-        lines.append(f"| {s.label} | {s.data['num_examples']} | {_num(s.accuracy, 1)} | {active['mean']:.2f} | "
-                     f"{active['min']:.0f} | {100 * s.data['zero_activation_rate']['overall']:.2f}% | {lam_text} | "
+        lines.append(f"| {s.label} | {MISSING if examples is None else examples} | {_num(s.accuracy, 1)} | "
+                     f"{active['mean']:.2f} | {_num(active.get('min'), 0)} | {100 * s.data['zero_activation_rate']['overall']:.2f}% | {lam_text} | "
                      f"{MISSING if lam is None else format(lam['spread'], '.2f')} |")
     return "\n".join(lines) + "\n"
 
@@ -127,3 +168,10 @@ def token_frequency_markdown(summaries: Sequence[Summary]) -> str:
             cells.append(MISSING if row is None else f"{row['mean']:.2f} ± {row['se']:.3f} (n={row['tokens']})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def lambda_bands(summaries: Sequence[Summary]) -> dict[str, dict[int, dict[str, float]]]:
+    """``{label: {layer: {q05, q50, q95}}}`` of every summary with λ per layer (for plot_lambda_bands)."""
+    return {s.label: {int(layer): {q: entry[q] for q in ("q05", "q50", "q95")}
+                      for layer, entry in s.data["lambda"]["per_layer"].items()}
+            for s in summaries if (s.data.get("lambda") or {}).get("per_layer")}

@@ -447,6 +447,16 @@ class TaskTable:
         p = self.majority_rate / 100
         return 100 * math.sqrt(p * (1 - p) / self.num_examples)
 
+    def majority_metric(self, metric: str) -> Optional[float]:
+        """The task metric of always answering the majority class: MCC 0; F1 (of class 1, as the
+        evaluation computes it) 2p / (1 + p) when the majority class is 1 at rate p, else 0."""
+        if metric == "MCC":
+            return 0.0
+        if metric == "F1" and self.majority_rate is not None:
+            p = self.majority_rate / 100
+            return 2 * p / (1 + p) if self.majority_label == "1" else 0.0
+        return None
+
     def margin_in_se(self, row: TaskRow) -> Optional[float]:
         """(mean accuracy - majority rate) / binomial SE."""
         se = self.binomial_se
@@ -511,7 +521,8 @@ def format_task_markdown(tables: Sequence[TaskTable], digits: int = 1) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         if table.majority_rate is not None:
             cells = [f"majority class ({table.majority_label})", "", _number(table.majority_rate, digits), "",
-                     *([_number(0.0, 3)] if metric else []), _number(0.0, 1, signed=True), "1.00", "", ""]
+                     *([_number(table.majority_metric(metric), 3)] if metric else []), _number(0.0, 1, signed=True),
+                     "1.00", "", ""]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         n = f"{table.num_examples} " if table.num_examples else ""
