@@ -177,10 +177,10 @@ def test_task_table_has_majority_rate_standard_errors_and_task_metric(tmp_path):
     assert lora.wall_time_s == pytest.approx(743)
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")]
             for line in format_task_markdown([table]).splitlines() if line.startswith("| ")}
-    assert rows["LoRA"][1:5] == ["3", "77.5 ± 1.0", "0.6", "0.427 ± 0.025"]
-    assert rows["LoRA"][5] == f"{(77.5 - 100 * p) / table.binomial_se:+.1f}"
-    assert rows["LD-MoLE"][1:3] == ["1", "69.1"] and rows["LD-MoLE"][6] == "1.00"
-    assert rows["majority class (1)"][2] == "69.1"
+    assert rows["LoRA"][1:6] == ["3", "77.5 ± 1.0", "0.6", "42: 77.5 · 43: 76.5 · 44: 78.5", "0.427 ± 0.025"]
+    assert rows["LoRA"][6] == f"{(77.5 - 100 * p) / table.binomial_se:+.1f}"
+    assert rows["LD-MoLE"][1:3] == ["1", "69.1"] and rows["LD-MoLE"][4] == "42: 69.1" and rows["LD-MoLE"][7] == "1.00"
+    assert rows["majority class (1)"][2] == "69.1" and len(rows["majority class (1)"]) == len(rows["LoRA"])
 
 
 def test_task_tables_cover_tasks_outside_the_paper_columns_and_note_mismatched_labels(tmp_path):

@@ -504,8 +504,10 @@ def format_task_markdown(tables: Sequence[TaskTable], digits: int = 1) -> str:
     parts = []
     for table in tables:
         metric = next((r.task_metric[0] for r in table.rows if r.task_metric[0]), None)
-        headers = ["method", "runs", "accuracy %", "SE over seeds", f"{metric}" if metric else None,
-                   "vs majority (SEs)", "top answer share", "active experts", "wall time (s)"]
+        per_seed = any(len(row.runs) > 1 for row in table.rows)
+        headers = ["method", "runs", "accuracy %", "SE over seeds", "accuracy per seed" if per_seed else None,
+                   f"{metric}" if metric else None, "vs majority (SEs)", "top answer share", "active experts",
+                   "wall time (s)"]
         headers = [h for h in headers if h is not None]
         lines = [f"### {table.model} · {table.task}", "", "| " + " | ".join(headers) + " |",
                  "|---|" + "---|" * (len(headers) - 1)]
@@ -513,6 +515,8 @@ def format_task_markdown(tables: Sequence[TaskTable], digits: int = 1) -> str:
             name, mean, std = row.task_metric
             cells = [METHOD_LABELS.get(row.method, row.method), str(len(row.runs)), _pm(*row.accuracy, digits),
                      _number(row.seed_se, digits)]
+            if per_seed:
+                cells.append(" · ".join(f"{r.seed}: {_number(r.accuracy, digits)}" for r in row.runs))
             if metric:
                 cells.append(_pm(mean, std, 3) if name == metric else MISSING)
             margin = table.margin_in_se(row)
@@ -521,6 +525,7 @@ def format_task_markdown(tables: Sequence[TaskTable], digits: int = 1) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         if table.majority_rate is not None:
             cells = [f"majority class ({table.majority_label})", "", _number(table.majority_rate, digits), "",
+                     *([""] if per_seed else []),
                      *([_number(table.majority_metric(metric), 3)] if metric else []), _number(0.0, 1, signed=True),
                      "1.00", "", ""]
             lines.append("| " + " | ".join(cells) + " |")
@@ -528,7 +533,7 @@ def format_task_markdown(tables: Sequence[TaskTable], digits: int = 1) -> str:
         n = f"{table.num_examples} " if table.num_examples else ""
         se = _number(table.binomial_se, 2)
         lines.append(f"- Accuracy on the {n}scored examples: mean ± sample std over the runs (seeds). "
-                     f"SE over seeds = std / sqrt(runs). Binomial SE of one run at the majority rate: {se} points; "
+                     f"SE over seeds = std / sqrt(runs){'; accuracy per seed = seed: accuracy, run by run' if per_seed else ''}. Binomial SE of one run at the majority rate: {se} points; "
                      "vs majority = (mean accuracy - majority rate) / that SE.")
         lines.append("- top answer share = share of the examples given the most frequent predicted answer "
                      "(1.00: the same answer for every example). Wall time: mean seconds per run.")
