@@ -54,7 +54,8 @@ def _lambda_quantiles(quantiles: dict, mean: Optional[float]) -> dict:
 
 def summary_from_metrics(metrics: dict) -> Optional[dict]:
     """The routing_summary.json fields that a run's metrics.json holds, or None when it has no
-    routing statistics (plain LoRA). Its λ quantiles come from a histogram of 0.01-wide bins."""
+    routing statistics (plain LoRA). Its λ quantiles come from a histogram of 0.01-wide bins on
+    [-10, 1): a λ below -10 reads -9.995."""
     routing = metrics.get("routing")
     if not routing:
         return None
