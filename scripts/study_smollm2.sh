@@ -13,8 +13,9 @@
 #   figures      ldmole-plot-routing of the seed-42 runs on the whole validation split, and of the
 #                ldmole / ldmole_reference adapters at initialisation
 # Settings (environment): ROOT (default runs/study), DATA_DIR (required), JOBS (runs at once, default
-# 1; on one GPU 8 pay, see ldmole-sweep --help), SEEDS and METHODS (of the headline stage, default
-# 42,43,44 and the six above), SPARSITY_COEFS (default "1 0.1 0.01"), EXTRA
+# 1; on one H200 all 26 training runs side by side took about 12 minutes, docs/study_smollm2.md),
+# SEEDS and METHODS (of the headline stage, default 42,43,44 and the six above), SPARSITY_COEFS
+# (default "0.03 0.1 0.3 1", the study's), EXTRA
 # (key=value overrides added to every run, e.g. EXTRA="max_steps=2" for a smoke test) and
 # FIGURE_EXAMPLES (validation examples the figures run, default all).
 # Tables afterwards: ldmole-tables $ROOT/smollm2_135m (the sparsity_coef_* folders repeat one method, so
@@ -25,7 +26,7 @@ cd "$(dirname "$0")/.."
 ROOT=${ROOT:-runs/study}
 DATA_DIR=${DATA_DIR:?set DATA_DIR to the folder holding glue_cola/, glue_mrpc/, glue_rte/ (e.g. ../shared/data)}
 JOBS=${JOBS:-1}
-SPARSITY_COEFS=${SPARSITY_COEFS:-1 0.1 0.01}
+SPARSITY_COEFS=${SPARSITY_COEFS:-0.03 0.1 0.3 1}
 SEEDS=${SEEDS:-42,43,44}
 METHODS=${METHODS:-ldmole,ldmole_reference,lora,softmax,mola_2468,remole}
 # One budget for every run: 250 optimiser steps of 16 examples at lr 5e-4, 200 training examples

@@ -46,6 +46,13 @@ def test_ablations_tune_the_sparsity_coefficient_each_in_its_own_root(tmp_path):
         "the fixed-λ ablation runs at the constant the reference initialisation trains, not the method file's 0.5"
 
 
+def test_default_coefficients_are_the_studys(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPARSITY_COEFS", raising=False)
+    result = run_script(tmp_path, "ablations", DATA_DIR="/data")
+    coefs = [line.rsplit("sparsity_coef=", 1)[1] for line in sweeps(result.stdout) if "ldmole_sparse_k2" in line]
+    assert coefs == ["0.03", "0.1", "0.3", "1"], "docs/study_smollm2.md ran these four"
+
+
 def test_calibration_doubles_the_budget_and_extra_overrides_come_last(tmp_path):
     result = run_script(tmp_path, "calibration", DATA_DIR="/data", EXTRA="max_steps=2 eval_max_examples=8")
     [line] = sweeps(result.stdout)
