@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-__all__ = ["Summary", "find_summaries", "overview_markdown", "per_layer_markdown", "summary_from_metrics",
-           "token_frequency_markdown", "lambda_bands"]
+__all__ = ["Summary", "find_summaries", "lambda_bands", "overview_markdown", "per_layer_markdown",
+           "summary_from_metrics", "token_frequency_markdown"]
 
 SUMMARY_NAME = "routing_summary.json"
 METRICS_NAME = "metrics.json"
@@ -122,8 +122,9 @@ def overview_markdown(summaries: Sequence[Summary]) -> str:
     for s in summaries:
         active, lam, examples = s.data["active_experts"], s.data.get("lambda"), s.data.get("num_examples")
         lam_text = MISSING if lam is None else f"{lam['q05']:.2f} / {lam['q50']:.2f} / {lam['q95']:.2f}"
+        zero = 100 * s.data["zero_activation_rate"]["overall"]
         lines.append(f"| {s.label} | {MISSING if examples is None else examples} | {_num(s.accuracy, 1)} | "
-                     f"{active['mean']:.2f} | {_num(active.get('min'), 0)} | {100 * s.data['zero_activation_rate']['overall']:.2f}% | {lam_text} | "
+                     f"{active['mean']:.2f} | {_num(active.get('min'), 0)} | {zero:.2f}% | {lam_text} | "
                      f"{MISSING if lam is None else format(lam['spread'], '.2f')} |")
     return "\n".join(lines) + "\n"
 

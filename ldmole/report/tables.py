@@ -532,9 +532,10 @@ def format_task_markdown(tables: Sequence[TaskTable], digits: int = 1) -> str:
         lines.append("")
         n = f"{table.num_examples} " if table.num_examples else ""
         se = _number(table.binomial_se, 2)
+        seeds = "; accuracy per seed = seed: accuracy, run by run" if per_seed else ""
         lines.append(f"- Accuracy on the {n}scored examples: mean ± sample std over the runs (seeds). "
-                     f"SE over seeds = std / sqrt(runs){'; accuracy per seed = seed: accuracy, run by run' if per_seed else ''}. Binomial SE of one run at the majority rate: {se} points; "
-                     "vs majority = (mean accuracy - majority rate) / that SE.")
+                     f"SE over seeds = std / sqrt(runs){seeds}. Binomial SE of one run at the majority rate: {se} "
+                     "points; vs majority = (mean accuracy - majority rate) / that SE.")
         lines.append("- top answer share = share of the examples given the most frequent predicted answer "
                      "(1.00: the same answer for every example). Wall time: mean seconds per run.")
         lines.extend(f"- Note: {note}." for note in table.notes)
