@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from ..experiment.metrics import METRICS_NAME
+
 __all__ = ["Summary", "find_summaries", "lambda_bands", "overview_markdown", "per_layer_markdown",
            "summary_from_metrics", "token_frequency_markdown"]
 
 SUMMARY_NAME = "routing_summary.json"
-METRICS_NAME = "metrics.json"
 FOLDERS = (("plots_init", "before training"), ("plots", "trained"))
 MISSING = "—"
 
@@ -96,7 +97,7 @@ def find_summaries(paths: Sequence[Union[str, Path]]) -> list[Summary]:
             continue
         here = [(folder, when) for folder, when in FOLDERS if (path / folder / SUMMARY_NAME).is_file()]
         from_metrics = None
-        if not (path / "plots" / SUMMARY_NAME).is_file() and (path / METRICS_NAME).is_file():
+        if all(folder != "plots" for folder, _ in here) and (path / METRICS_NAME).is_file():
             from_metrics = summary_from_metrics(json.loads((path / METRICS_NAME).read_text()))
         if not here and from_metrics is None:
             raise FileNotFoundError(
