@@ -6,6 +6,21 @@
 # An empty setting keeps the value of the config files (configs/models/, methods/) or the default
 # (python -m ldmole.cli.train --help lists every key).
 set -euo pipefail
+
+# Counts must be plain digits: bash arithmetic below would evaluate any other text as an expression
+# (which can run a command), so they are checked before anything else runs.
+check_count() {  # check_count NAME MIN: NAME, when set, is a plain integer >= MIN, normalised to base 10
+  local value=${!1:-} what="a non-negative integer"
+  [ "$2" -ge 1 ] && what="a positive integer"
+  [ -z "$value" ] && return 0
+  if ! [[ $value =~ ^[0-9]+$ ]] || [ "$((10#$value))" -lt "$2" ]; then
+    echo "run.sh: $1='$value' must be $what" >&2
+    exit 2
+  fi
+  printf -v "$1" '%d' "$((10#$value))"
+}
+check_count NUM_GPUS 0; check_count BATCH_SIZE 1; check_count PER_DEVICE_BATCH_SIZE 1
+
 cd "$(dirname "$0")"
 
 MODEL=${MODEL:-qwen3_1.7b}          # configs/models/*.yaml
@@ -50,9 +65,12 @@ if [ "$NUM_GPUS" -gt 0 ]; then
     args+=(per_device_batch_size="$per")
   fi
   args+=(mixed_precision="${MIXED_PRECISION:-bf16}")
-  exec accelerate launch --num_processes "$procs" --num_machines 1 --mixed_precision "${MIXED_PRECISION:-bf16}" \
-    --dynamo_backend no --module ldmole.cli.train "${args[@]}" "$@"
+  launch=(accelerate launch --num_processes "$procs" --num_machines 1 --mixed_precision "${MIXED_PRECISION:-bf16}"
+          --dynamo_backend no --module ldmole.cli.train)
 else
   args+=(mixed_precision="${MIXED_PRECISION:-no}")
-  exec python -m ldmole.cli.train "${args[@]}" "$@"
+  launch=(python -m ldmole.cli.train)
 fi
+# ldmole-sweep reads the arguments alone (NUL-separated) to compare a finished run's config.yaml with them.
+if [ "${LDMOLE_PRINT_ARGS:-}" = 1 ]; then printf '%s\0' "${args[@]}" "$@"; exit 0; fi
+exec "${launch[@]}" "${args[@]}" "$@"

@@ -107,7 +107,7 @@ def main(folder: Path) -> None:
     else:
         assert state is None
     dist.barrier()
-    saved = torch.load(folder / "optimizer.pt", weights_only=False)
+    saved = torch.load(folder / "optimizer.pt", weights_only=True)
     optimizer.zero_grad(set_to_none=True)
     logits(wrapped, ids).float().logsumexp(-1).mean().backward()
     optimizer.step()  # moves the moments away from the saved ones

@@ -4,6 +4,7 @@ tasks (HellaSwag), clear refusals; ldmole-generate on the same run."""
 from __future__ import annotations
 
 import json
+import stat
 
 import pytest
 
@@ -11,7 +12,7 @@ from ldmole.cli import evaluate, generate
 from ldmole.experiment.adapter_info import AdapterInfo
 from ldmole.experiment.run_config import compose_config
 from ldmole.experiment.setup import load_run_data, load_run_task, load_split_examples
-from tests.helpers import SHARED_DATA, needs_data, run_command, tiny_run_args
+from tests.helpers import DATA_DIR, SHARED_DATA, needs_data, run_command, tiny_run_args
 
 
 def info_only_adapter(folder, **fields) -> str:
@@ -60,6 +61,36 @@ def test_a_path_that_is_no_run_nor_adapter_is_refused(tmp_path, capsys):
     assert "neither a run folder" in capsys.readouterr().err
 
 
+def test_out_refuses_an_existing_file_unless_force(tmp_path, capsys):
+    folder = info_only_adapter(tmp_path / "adapter")
+    out = tmp_path / "metrics.json"
+    out.write_text('{"accuracy": 0.75}')
+    # A bad --max-examples as well, so that nothing is ever loaded: --out is checked first.
+    assert evaluate.main([folder, "--max-examples", "-1", "--out", str(out)]) == 2
+    assert f"--out {out} already exists; pass --force" in capsys.readouterr().err
+    # --force gets past the check, to the next one.
+    assert evaluate.main([folder, "--max-examples", "-1", "--out", str(out), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-examples -1 must be 0 (all) or positive" in err and "--out" not in err
+    assert out.read_text() == '{"accuracy": 0.75}', "a refused or failed evaluation must leave --out as it was"
+
+
+def test_eval_scores_an_adapter_folder_alone_with_the_tokenizer_saved_in_it(tmp_path):
+    from ldmole.core.adapter_io import current_umask
+    from ldmole.experiment.data import get_task
+    from ldmole.experiment.pretrained import save_adapter
+    from tests.test_sharing import tiny_run_config, trained_tiny_model
+
+    config = tiny_run_config()
+    save_adapter(trained_tiny_model(config), tmp_path / "adapter", AdapterInfo.from_run(config, get_task("arc_e")))
+    assert AdapterInfo.read(tmp_path / "adapter").tokenizer is None, "no local tokenizer path is recorded"
+    out = tmp_path / "eval.json"
+    assert evaluate.main([str(tmp_path / "adapter"), "--data-dir", str(DATA_DIR), "--max-examples", "2",
+                          "--device", "cpu", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["num_examples"] == 2
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~current_umask(), "written with the umask's permissions"
+
+
 def test_generate_refuses_a_classification_adapter(tmp_path, capsys):
     folder = info_only_adapter(tmp_path, model_kind="classification", task="rte", num_labels=2)
     assert generate.main([folder, "--prompt", "hi"]) == 2
@@ -93,6 +124,9 @@ def test_eval_on_the_runs_own_split_reproduces_metrics_json_exactly(tiny_run, tm
     assert result["routing"]["per_layer"] == metrics["routing"]["per_layer"]
     assert result["routing"]["lambda"]["mean"] == metrics["routing"]["lambda"]["mean"]
     assert result["reproduces_metrics_json"] is True and "reproduces metrics.json" in printed
+    metrics_json = (tiny_run / "metrics.json").read_text()
+    assert evaluate.main([str(tiny_run), "--device", "cpu", "--out", str(tiny_run / "metrics.json")]) == 2
+    assert "pass --force" in capsys.readouterr().err and (tiny_run / "metrics.json").read_text() == metrics_json
 
 
 @pytest.mark.slow

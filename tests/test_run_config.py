@@ -34,6 +34,22 @@ def test_readme_config_keys_table_lists_exactly_the_fields():
     assert not documented - fields, f"README's Config keys table lists unknown keys: {sorted(documented - fields)}"
 
 
+def readme_config_rows() -> dict[str, str]:
+    """Key -> meaning of each row of README's "Config keys" table."""
+    text = (REPO_ROOT / "README.md").read_text()
+    table = text.split("## Config keys\n", 1)[1].split("| key | default | meaning |", 1)[1].split("\n\n", 1)[0]
+    rows = (line.split(" | ") for line in table.splitlines() if line.startswith("| `"))
+    return {row[0].strip("|` "): row[-1].rstrip(" |") for row in rows}
+
+
+def test_readme_config_keys_table_shows_each_range():
+    rows = readme_config_rows()
+    for key, _, help_text in describe_keys():
+        if "; must be " in help_text:
+            suffix = help_text[help_text.index("; must be "):]
+            assert rows[key].endswith(suffix), f"README's Config keys row of {key} must end with {suffix!r}"
+
+
 def test_every_field_has_a_help_text():
     assert all(help_text.strip() for _, _, help_text in describe_keys())
 
@@ -105,7 +121,7 @@ def test_train_state_round_trips_through_torch_save(tmp_path):
                        best_accuracy=0.5, best_epoch=1, best_state={"w": torch.ones(2)})
     torch.save(state.state_dict(), tmp_path / "state.pt")
     restored = TrainState()
-    restored.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
+    restored.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     assert (restored.step, restored.epoch, restored.batches_done, restored.history, restored.best_epoch) == \
         (7, 2, 3, state.history, 1)
     torch.testing.assert_close(restored.best_state["w"], torch.ones(2))

@@ -105,10 +105,10 @@ def sharded_trainer(output_dir: Path, main: bool, monkeypatch) -> Trainer:
                                      "save_epoch_adapters=[1]", "save_every=1"])
     trainer.base, trainer.wrapped, trainer.main, trainer.sharded = base, SelectedLogits(base), main, True
     trainer.output_dir, trainer.log_path = output_dir, output_dir / "log.jsonl"
-    trainer.data = SimpleNamespace(task=SimpleNamespace(spec=get_task("arc_c")), encoder=SimpleNamespace(kind="qa"),
-                                   selection_examples=[])
+    trainer.data = SimpleNamespace(task=SimpleNamespace(spec=get_task("arc_c")),
+                                   encoder=SimpleNamespace(kind="qa", tokenizer=None), selection_examples=[])
     trainer.selection_loader, trainer.controller, trainer.bad_modules, trainer.tracking = None, None, [], False
-    trainer.state, trainer.total_steps = TrainState(step=3), 10
+    trainer.state, trainer.total_steps, trainer.base_revision = TrainState(step=3), 10, None
     trainer.first_bad = torch.full((len(trainer_module.LOSS_TERMS),), -1)
     trainer.optimizer, trainer.scheduler = SimpleNamespace(), SimpleNamespace(state_dict=lambda: {})
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +143,7 @@ def test_adapters_checkpoints_and_best_epoch_hold_the_gathered_weights(tmp_path,
         saved = load_file(str(folder / WEIGHTS_NAME))
         assert sorted(saved) == sorted(names)
         assert all(torch.equal(t, torch.full_like(t, 0.5)) for t in saved.values()), f"{folder}: not the gathered weights"
-    state = torch.load(tmp_path / "checkpoints" / "step-00000003" / "trainer_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoints" / "step-00000003" / "trainer_state.pt", weights_only=True)
     assert state["optimizer"] == {"gathered_on": 0}, "the checkpoint must hold the gathered optimiser state"
 
 

@@ -3,7 +3,10 @@ and PEFT export of plain-LoRA adapters."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -93,29 +96,146 @@ def test_model_card_names_method_base_task_metrics_and_routing():
 
 
 class FakeHubApi:
-    """Records what push_to_hub asks of huggingface_hub.HfApi."""
+    """Records what push_to_hub asks of huggingface_hub.HfApi, and what an upload would send."""
 
-    def __init__(self) -> None:
+    def __init__(self, private: bool = True) -> None:
         self.calls = []
+        self.private = private  # whether the (possibly existing) repository is private
+        self.uploaded: dict[str, bytes] = {}
 
     def create_repo(self, repo_id, **kwargs):
         self.calls.append(("create_repo", repo_id, kwargs))
         return f"https://huggingface.co/{repo_id}"
 
+    def repo_info(self, repo_id, **kwargs):
+        self.calls.append(("repo_info", repo_id, kwargs))
+        return SimpleNamespace(private=self.private)
+
     def upload_folder(self, **kwargs):
         self.calls.append(("upload_folder", kwargs))
+        folder, patterns = Path(kwargs["folder_path"]), kwargs.get("allow_patterns") or ["*"]
+        self.uploaded = {p.name: p.read_bytes() for p in folder.iterdir()
+                         if p.is_file() and any(fnmatch.fnmatch(p.name, pattern) for pattern in patterns)}
 
 
-def test_push_to_hub_creates_the_repository_and_uploads_the_folder(tmp_path):
-    AdapterInfo(base_model="Qwen/Qwen3-1.7B", model_kind="causal_lm", method="ldmole", task="arc_c",
-                chat_format="qwen3", ldmole_version="0.2.0").write(tmp_path)
+def hub_info(**fields) -> AdapterInfo:
+    """The info of an adapter of the hub's Qwen3-1.7B (``fields`` replace its values)."""
+    values = dict(base_model="Qwen/Qwen3-1.7B", model_kind="causal_lm", method="ldmole", task="arc_c",
+                  chat_format="qwen3", ldmole_version="0.2.0")
+    return AdapterInfo(**{**values, **fields})
+
+
+def tiny_adapter(folder, info: AdapterInfo):
+    """A tiny Qwen3 adapter saved with ``info`` in ``folder``."""
+    model = get_mole_model(tiny_model("qwen3", num_layers=2), MoLEConfig(router="topk", num_experts=2, r=2))
+    return save_adapter(model, folder, info)
+
+
+def test_push_to_hub_uploads_only_the_adapters_own_files(tmp_path):
+    tiny_adapter(tmp_path, hub_info())
+    (tmp_path / ".adapter.safetensors.abc123.tmp").write_bytes(b"left by a crash")
+    (tmp_path / "notes.txt").write_text("private notes")
     api = FakeHubApi()
     url = push_to_hub(tmp_path, "me/ldmole-arc-c", api=api)
     assert url == "https://huggingface.co/me/ldmole-arc-c"
     assert api.calls[0] == ("create_repo", "me/ldmole-arc-c", {"private": True, "exist_ok": True, "repo_type": "model"})
-    assert api.calls[1][1]["folder_path"] == str(tmp_path) and api.calls[1][1]["repo_id"] == "me/ldmole-arc-c"
+    upload = api.calls[-1][1]
+    assert upload["folder_path"] == str(tmp_path) and upload["repo_id"] == "me/ldmole-arc-c"
+    names = ["README.md", "adapter.safetensors", "adapter_info.json", "mole_config.json"]
+    assert upload["allow_patterns"] == names and sorted(api.uploaded) == names, "only the adapter's files go up"
     with pytest.raises(FileNotFoundError):
         push_to_hub(tmp_path / "empty", "me/x", api=FakeHubApi())
+    hub_info().write(tmp_path / "info_only")
+    with pytest.raises(FileNotFoundError, match="adapter.safetensors does not exist"):
+        push_to_hub(tmp_path / "info_only", "me/x", api=FakeHubApi())
+
+
+def test_push_to_hub_refuses_a_private_upload_to_an_existing_public_repository(tmp_path):
+    tiny_adapter(tmp_path, hub_info())
+    api = FakeHubApi(private=False)
+    with pytest.raises(ValueError, match=r"me/public-repo already exists and is public.*private=False.*--public"):
+        push_to_hub(tmp_path, "me/public-repo", api=api)
+    assert not any(call[0] == "upload_folder" for call in api.calls), "nothing may be uploaded"
+    push_to_hub(tmp_path, "me/public-repo", private=False, api=api)
+    assert api.calls[-1][0] == "upload_folder"
+
+
+def test_push_to_hub_publishes_the_hub_id_given_for_a_local_base_model(tmp_path):
+    from accelerate.utils import set_seed
+
+    tokenizer = load_tokenizer(str(tokenizer_dir("qwen3")))
+    set_seed(7)
+    base = load_base_model(tiny_run_config().backbone, "causal_lm", tokenizer)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    config = compose_config({"model": "tiny_qwen3", "task": "arc_e", "model_source": str(tmp_path / "base"),
+                             "tokenizer": None, "seed": 7})
+    info = AdapterInfo.from_run(config, get_task("arc_e"))
+    assert (info.base_model, info.tokenizer, info.tokenizer_in_folder) == (str(tmp_path / "base"), None, True)
+    get_mole_model(base, MoLEConfig(router="topk", num_experts=2, r=2))
+    save_adapter(base, tmp_path / "adapter", info)
+    assert (tmp_path / "adapter" / "tokenizer.json").is_file(), "the local base model's tokenizer travels along"
+    with pytest.raises(ValueError, match=r"adapter_info.json names the local base model base_model=.*base_model_id="):
+        push_to_hub(tmp_path / "adapter", "me/x", api=FakeHubApi())
+    api = FakeHubApi()
+    push_to_hub(tmp_path / "adapter", "me/x", api=api, base_model_id="Qwen/Qwen3-1.7B")
+    published = json.loads(api.uploaded["adapter_info.json"])
+    assert published["base_model"] == "Qwen/Qwen3-1.7B" and published["tokenizer"] is None
+    assert {"tokenizer.json", "tokenizer_config.json", "adapter.safetensors"} <= set(api.uploaded)
+    assert "base_model: Qwen/Qwen3-1.7B\n" in api.uploaded["README.md"].decode()
+    assert not [name for name, data in api.uploaded.items() if str(tmp_path).encode() in data], \
+        "no uploaded file may name a local path"
+    assert AdapterInfo.read(tmp_path / "adapter").base_model == str(tmp_path / "base"), "the local folder is kept"
+
+
+def test_a_local_tokenizer_travels_in_the_adapter_folder_instead_of_its_path(tmp_path):
+    from ldmole.experiment.pretrained import load_adapter_tokenizer
+
+    config = tiny_run_config()
+    info = AdapterInfo.from_run(config, get_task("arc_e"))
+    assert (info.tokenizer, info.tokenizer_in_folder) == (None, True)
+    save_adapter(trained_tiny_model(config), tmp_path / "adapter", info)
+    text = (tmp_path / "adapter" / "adapter_info.json").read_text()
+    assert '"tokenizer": null' in text and '"tokenizer_in_folder": true' in text
+    assert str(tokenizer_dir("qwen3").resolve()) not in text and "tokenizer_source" not in text
+    original = load_tokenizer(str(tokenizer_dir("qwen3")))
+    assert load_adapter_tokenizer(tmp_path / "adapter").get_vocab() == original.get_vocab()
+    marked = load_tokenizer(str(tokenizer_dir("qwen3")))
+    marked.add_tokens(["<ldmole-test>"])
+    save_adapter(trained_tiny_model(config), tmp_path / "given", info, tokenizer=marked)
+    assert "<ldmole-test>" in load_adapter_tokenizer(tmp_path / "given").get_vocab(), "the given object is saved"
+    hub = AdapterInfo.from_run(tiny_run_config("tokenizer=Qwen/Qwen3-1.7B"), get_task("arc_e"))
+    assert (hub.tokenizer, hub.tokenizer_in_folder) == ("Qwen/Qwen3-1.7B", False), "a hub id is recorded as it is"
+    old = tmp_path / "old"  # written before 0.2.1: the absolute tokenizer path, no tokenizer files
+    old.mkdir()
+    (old / "adapter_info.json").write_text(json.dumps({**json.loads(text), "tokenizer": str(tokenizer_dir("qwen3")),
+                                                      "tokenizer_in_folder": None}))
+    assert load_adapter_tokenizer(old).get_vocab() == original.get_vocab()
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('{"base_model": "Qwen/Qwen3-1.7B",\n  "method": }', r"not valid JSON \(line 2, column 13"),
+    ('["Qwen/Qwen3-1.7B"]', "holds a JSON list, not an object"),
+    ('{"base_model": "Qwen/Qwen3-1.7B", "method": "ldmole"}',
+     r"missing required keys \['model_kind', 'task', 'chat_format', 'ldmole_version'\]"),
+])
+def test_a_malformed_adapter_info_names_the_file_and_the_problem(tmp_path, content, problem):
+    (tmp_path / "adapter_info.json").write_text(content)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'adapter_info.json'}: {problem}"):
+        AdapterInfo.read(tmp_path)
+
+
+def test_from_pretrained_passes_check_base_to_load_mole(tmp_path, monkeypatch):
+    from ldmole.experiment import pretrained
+
+    config = tiny_run_config()
+    save_adapter(trained_tiny_model(config), tmp_path, AdapterInfo.from_run(config, get_task("arc_e")))
+    calls = []
+    monkeypatch.setattr(pretrained, "load_mole",
+                        lambda model, folder, check_base=True: calls.append(check_base) or model)
+    from_pretrained(tmp_path, check_base=False)
+    from_pretrained(tmp_path)
+    assert calls == [False, True]
 
 
 @pytest.mark.parametrize("kind", ["causal_lm", "classification"])
@@ -179,3 +299,5 @@ def test_push_to_hub_command_passes_folder_repo_and_privacy(monkeypatch, tmp_pat
     monkeypatch.setattr(pretrained, "push_to_hub", lambda *args, **kwargs: calls.append((args, kwargs)) or "url")
     assert command.main([str(tmp_path), "me/repo", "--public"]) == 0
     assert calls == [((str(tmp_path), "me/repo"), {"private": False})] and "url" in capsys.readouterr().out
+    assert command.main([str(tmp_path), "me/repo", "--base-model-id", "Qwen/Qwen3-1.7B"]) == 0
+    assert calls[-1] == ((str(tmp_path), "me/repo"), {"private": True, "base_model_id": "Qwen/Qwen3-1.7B"})

@@ -6,6 +6,7 @@ import io
 import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -69,17 +70,78 @@ def test_run_sh_passes_only_the_settings_that_are_set(tmp_path):
     assert "num_epochs=1" in args
 
 
+def finish(sweep, job, *overrides: str) -> None:
+    """Writes what a run of ``job`` (with ``overrides`` after its own) leaves: config.yaml and metrics.json."""
+    import dataclasses
+
+    import yaml
+
+    from ldmole.experiment.metrics import RunMetrics
+
+    config = sweep.resolved_config(dataclasses.replace(job, overrides=[*job.overrides, *overrides]))
+    job.output_dir.mkdir(parents=True, exist_ok=True)
+    (job.output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_flat(), sort_keys=False))
+    (job.output_dir / "metrics.json").write_text(RunMetrics(job.model, job.task, job.method, job.seed, 0.5).to_json())
+
+
 def test_finished_runs_are_skipped(sweep, tmp_path):
-    done = tmp_path / "tiny_qwen3" / "arc_c" / "ldmole" / "seed42"
-    done.mkdir(parents=True)
-    (done / "metrics.json").write_text("{}")
-    (tmp_path / "tiny_qwen3" / "rte" / "ldmole" / "seed42").mkdir(parents=True)  # started, never finished
+    jobs = sweep.build_jobs(["tiny_qwen3"], ["arc_c", "rte"], ["ldmole"], [42], tmp_path, [])
+    finish(sweep, jobs[0])
+    jobs[1].output_dir.mkdir(parents=True)  # started, never finished
     launched = []
     status, out = run_sweep(sweep, ["--models", "tiny_qwen3", "--tasks", "arc_c,rte", "--methods", "ldmole",
                                     "--root", str(tmp_path)], launch=lambda job: launched.append(job.name) or 1)
     assert launched == ["tiny_qwen3/rte/ldmole/seed42"], "only the unfinished run may be launched"
-    assert "skip tiny_qwen3/arc_c/ldmole/seed42" in out
+    assert "skip tiny_qwen3/arc_c/ldmole/seed42: finished with these settings" in out
     assert status == 1
+
+
+def test_a_finished_point_of_other_settings_is_reported_and_rerun_only_with_force(sweep, tmp_path):
+    job = sweep.build_jobs(["tiny_qwen3"], ["arc_c"], ["ldmole"], [42], tmp_path, ["lr=0.0005"])[0]
+    finish(sweep, job, "lr=0.001")
+    launched = []
+    argv = ["--models", "tiny_qwen3", "--tasks", "arc_c", "--methods", "ldmole", "--root", str(tmp_path), "lr=0.0005"]
+    status, out = run_sweep(sweep, argv, launch=lambda job: launched.append(job) or 0)
+    assert status == 1 and not launched, "a metrics.json of another lr must not count as this grid point's"
+    assert "MISMATCH tiny_qwen3/arc_c/ldmole/seed42" in out and "lr: saved 0.001, grid 0.0005" in out
+    assert "--force" in out
+    status, out = run_sweep(sweep, [*argv, "--force"], launch=lambda job: launched.append(job) or 0)
+    assert [j.name for j in launched] == ["tiny_qwen3/arc_c/ldmole/seed42"]
+    assert launched[0].command()[2:] == ["overwrite=true", "lr=0.0005"], "a forced rerun starts from scratch"
+
+
+def test_an_unreadable_or_unexplained_metrics_json_is_not_finished(sweep, tmp_path):
+    jobs = sweep.build_jobs(["tiny_qwen3"], ["arc_c", "rte"], ["ldmole"], [42], tmp_path, [])
+    finish(sweep, jobs[0])
+    (jobs[0].output_dir / "metrics.json").write_text('{"model": "tiny_qwen3", "acc')  # torn by a crash
+    jobs[1].output_dir.mkdir(parents=True)
+    (jobs[1].output_dir / "metrics.json").write_text(
+        '{"model": "tiny_qwen3", "task": "rte", "method": "ldmole", "seed": 42, "accuracy": 0.5}')  # no config.yaml
+    status, out = run_sweep(sweep, ["--models", "tiny_qwen3", "--tasks", "arc_c,rte", "--methods", "ldmole",
+                                    "--root", str(tmp_path)], launch=lambda job: 0)
+    assert status == 1 and "skip tiny" not in out
+    assert "cannot be checked" in out and "no config.yaml beside it" in out
+
+
+def test_a_folder_in_use_is_reported_and_left_alone(sweep, tmp_path):
+    from ldmole.experiment.run_folder import RunFolder
+
+    job = sweep.build_jobs(["tiny_qwen3"], ["arc_c"], ["ldmole"], [42], tmp_path, [])[0]
+    code = ("import sys, time; from ldmole.experiment.run_folder import RunFolder; f = RunFolder(sys.argv[1]); "
+            "f.acquire(); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(job.output_dir)], cwd=REPO_ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        launched = []
+        status, out = run_sweep(sweep, ["--models", "tiny_qwen3", "--tasks", "arc_c", "--methods", "ldmole",
+                                        "--root", str(tmp_path)], launch=launched.append)
+        assert status == 1 and not launched and f"BUSY tiny_qwen3/arc_c/ldmole/seed42" in out
+        assert f"pid {holder.pid}" in out
+    finally:
+        holder.kill()
+        holder.wait()
+    assert RunFolder(job.output_dir).holder() is None
 
 
 def test_a_failed_run_does_not_stop_the_sweep_and_is_summarised(sweep, tmp_path):
@@ -128,8 +190,8 @@ def test_launch_passes_the_environment_and_logs_to_the_run_folder(sweep, tmp_pat
 
 
 def test_a_resume_override_replaces_the_automatic_one(sweep, tmp_path):
-    job = sweep.build_jobs(["tiny_qwen3"], ["rte"], ["ldmole"], [7], tmp_path, ["resume=null"])[0]
-    assert job.command()[2:] == ["resume=null"]
+    job = sweep.build_jobs(["tiny_qwen3"], ["rte"], ["ldmole"], [7], tmp_path, ["resume="])[0]
+    assert job.command()[2:] == ["resume="]
 
 
 @pytest.mark.parametrize("gpus, processes, per_device", [

@@ -3,7 +3,7 @@ counts, and routing statistics (the same as metrics.json's).
 
     python -m ldmole.cli.evaluate PATH [--task T] [--split evaluation] [--max-examples N]
         [--batch-size B] [--device D] [--data-dir D] [--tokenizer T] [--base-model M]
-        [--mixed-precision no|bf16|fp16] [--out FILE.json]
+        [--mixed-precision no|bf16|fp16] [--out FILE.json [--force]]
 
 PATH is a run folder (config.yaml, adapter/, metrics.json) or an adapter folder (adapter_info.json).
 A run's settings (config.yaml: protocol, selection_size, seed, max_length, eval_max_examples,
@@ -21,6 +21,9 @@ alone gets the defaults of a run (protocol "selection", every example of the spl
 --max-examples N scores the first N (0 = all); by default the run's eval_max_examples on the run's
 own task and evaluation/selection split, else all. --task scores another task of the same kind
 (QA adapters on any QA task; a classification head on tasks with as many labels).
+
+--out FILE writes the result as JSON (atomically); an existing FILE (a run's metrics.json, say) is
+refused unless --force.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Optional
 
 import torch
 
+from ldmole.core.adapter_io import atomic_write
 from ldmole.experiment.adapter_info import INFO_NAME, AdapterInfo
 from ldmole.experiment.data import get_task
 from ldmole.experiment.metrics import METRICS_NAME, RunMetrics
@@ -69,7 +73,8 @@ def resolve_target(path: Path, data_dir: Optional[str], tokenizer: Optional[str]
                                 f"({INFO_NAME}); pass the output_dir of ldmole.cli.train or its adapter/")
     info, run_dir = AdapterInfo.read(path), path.parent
     if not (run_dir / "config.yaml").is_file():
-        return Target(path, adapter_run_config(info, data_dir, tokenizer), info, None)
+        own = str(path) if info.tokenizer_in_folder else None  # the tokenizer saved with the adapter
+        return Target(path, adapter_run_config(info, data_dir, tokenizer or own), info, None)
     metrics = run_dir / METRICS_NAME
     scored = path.name == RUN_ADAPTER and metrics.is_file()  # adapter_epochN/ is not what metrics.json scored
     return Target(path, load_run_config(run_dir, data_dir, tokenizer), info,
@@ -159,7 +164,22 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
+def check_out(out: Optional[Path], force: bool) -> None:
+    """Refuses an ``--out`` that exists (a run's metrics.json, an earlier result) unless ``--force``.
+
+    Raises:
+        FileExistsError: ``out`` exists and ``force`` is off (naming the file and the flag).
+    """
+    if out is None:
+        return
+    if out.is_dir():
+        raise FileExistsError(f"--out {out} is a directory; pass a file name such as {out / 'eval.json'}")
+    if out.exists() and not force:
+        raise FileExistsError(f"--out {out} already exists; pass --force to overwrite it, or another --out file")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line of ldmole-eval."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", type=Path, help="a run folder (config.yaml, adapter/) or an adapter folder")
     parser.add_argument("--task", default=None, help="a registered task (default: the adapter's)")
@@ -175,13 +195,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--base-model", default=None, help="another location of the base model (hub id or directory)")
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
                         help="autocast (default: the run's mixed_precision for a run folder, else no)")
-    parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here (atomically)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Runs ldmole-eval; 2 with the reason on stderr when PATH, the task, the split or --out is refused."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        check_out(args.out, args.force)
         target = resolve_target(args.path, args.data_dir, args.tokenizer)
         config = retarget(target.config, target.info, args.task)
         limit = example_limit(args.max_examples, config, config.task == target.info.task, args.split)
@@ -197,8 +220,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for line in summary_lines(result) + ([note] if note else []):
         print(line)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
         print(f"wrote {args.out}")
     return 0
 

@@ -5,12 +5,18 @@
 
 Each run writes <root>/<model>/<task>/<method>/seed<seed>/ through `bash run.sh` (so single-GPU,
 multi-GPU and CPU launching is exactly what run.sh does; NUM_GPUS, MIXED_PRECISION, ... from the
-environment still apply). A run whose folder already holds metrics.json is skipped; an unfinished
-one starts again with resume=auto (so it continues from its newest checkpoint when runs write
-checkpoints, save_every=N, and starts over otherwise). key=value overrides go to every run (after
-run.sh's own arguments, so they win); relative paths in them are relative to the repository
-root, where run.sh runs. Each run's output goes to sweep.log in its folder. A failed run does not
-stop the sweep; failures are listed at the end and the exit status is 1.
+environment still apply). key=value overrides go to every run (after run.sh's own arguments, so they
+win); relative paths in them are relative to the repository root, where run.sh runs. Each run's
+output goes to sweep.log in its folder. A failed run does not stop the sweep; failures are listed at
+the end and the exit status is 1.
+
+A grid point whose folder holds metrics.json is finished, and skipped, only when the config.yaml
+beside it equals the config run.sh would launch now on every key that changes what a run computes
+(all but ldmole.experiment.run_identity.BOOKKEEPING_KEYS). Otherwise it is reported as a mismatch,
+naming each differing key, and not run (exit status 1); --force reruns such points from scratch
+(overwrite=true). An unfinished point starts with resume=auto: it continues from its newest
+checkpoint when the run wrote checkpoints (save_every=N) and starts over otherwise; a folder of
+another run is refused by the run itself. A folder in use by another process is reported and left.
 
 --jobs N runs N grid points at once (default 1). Every run still goes through run.sh, so on a GPU
 machine each one uses the GPUs run.sh picks (set NUM_GPUS=1 for N runs sharing one GPU). It pays
@@ -36,7 +42,10 @@ from typing import Callable, Optional, Sequence
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 from ldmole.experiment.data import TASKS
-from ldmole.experiment.run_config import available, compose_config, parse_overrides
+from ldmole.experiment.metrics import METRICS_NAME, RunMetrics
+from ldmole.experiment.run_config import RunConfig, available, compose_config, parse_overrides
+from ldmole.experiment.run_folder import RunFolder, saved_config_differences
+from ldmole.experiment.run_identity import describe_differences
 
 # Keys the sweep sets per run; an override of one of them would put every run in one folder.
 GRID_KEYS = ("model", "task", "method", "seed", "output_dir")
@@ -61,15 +70,60 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        return (self.output_dir / "metrics.json").is_file()
+        """Whether the folder holds a metrics.json (of whichever settings: see :func:`saved_state`)."""
+        return (self.output_dir / METRICS_NAME).is_file()
 
     def command(self) -> list[str]:
         return ["bash", str(REPO_ROOT / "run.sh"), *self.overrides]
+
+    def forced(self) -> "Job":
+        """The job rerun from scratch: ``overwrite=true`` instead of any ``resume``."""
+        overrides = [item for item in self.overrides if not item.startswith("resume=")]
+        return Job(self.model, self.task, self.method, self.seed, self.output_dir, self.env,
+                   ["overwrite=true", *overrides])
 
     def shell_line(self) -> str:
         """The command as one copy-pasteable shell line (environment assignments first)."""
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
         return f"{env} {shlex.join(self.command())}"
+
+
+def resolved_config(job: Job) -> RunConfig:
+    """The config run.sh would launch ``job`` with now: its arguments from the environment (GPU count,
+    precision, per-device batch) and the job's, as run.sh prints them with LDMOLE_PRINT_ARGS=1.
+
+    Raises:
+        ValueError: run.sh refused the settings (its message).
+    """
+    env = {**os.environ, **job.env, "LDMOLE_PRINT_ARGS": "1"}
+    if "NUM_GPUS" not in env:
+        import torch
+
+        env["NUM_GPUS"] = str(torch.cuda.device_count())
+    result = subprocess.run(job.command(), env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+    if result.returncode:
+        raise ValueError(f"run.sh refused {job.name}: {result.stderr.strip()[-500:]}")
+    return compose_config([arg for arg in result.stdout.split("\0") if arg])
+
+
+def saved_state(job: Job) -> tuple[str, str]:
+    """("todo" | "finished" | "mismatch" | "busy", why) of a grid point's folder before the sweep runs it."""
+    holder = RunFolder(job.output_dir).holder()
+    if holder is not None:
+        return "busy", f"{job.output_dir} is in use by {holder}"
+    metrics = job.output_dir / METRICS_NAME
+    if not metrics.is_file():
+        return "todo", ""
+    try:
+        RunMetrics.read(metrics)
+        diffs = saved_config_differences(job.output_dir, resolved_config(job).to_flat())
+    except (ValueError, OSError) as error:  # RunFolderError is a ValueError
+        return "mismatch", f"{metrics} cannot be checked ({error})"
+    if diffs is None:
+        return "mismatch", f"{metrics} has no config.yaml beside it to compare with the grid's settings"
+    if diffs:
+        return "mismatch", f"{metrics} comes from other settings ({describe_differences(diffs, 'saved', 'grid')})"
+    return "finished", ""
 
 
 def _names(text: str, kind: str) -> list[str]:
@@ -132,23 +186,35 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def run_jobs(jobs: Sequence[Job], dry_run: bool = False, launch: Callable[[Job], int] = launch,
-             out=sys.stdout, parallel: int = 1) -> list[tuple[Job, int]]:
+             out=sys.stdout, parallel: int = 1, force: bool = False) -> list[tuple[Job, object]]:
     """Runs (or with ``dry_run`` prints) every unfinished job, ``parallel`` at a time, in grid order;
-    returns the failed ones with their status, in grid order."""
+    returns the failed ones with their status (an exit status, or the reason a point was not run:
+    a mismatch without ``force``, a folder in use), in grid order."""
     todo: list[tuple[str, Job]] = []
-    skipped = 0
+    skipped, refused, to_run = 0, [], 0
     for index, job in enumerate(jobs, 1):
         prefix = f"[{index}/{len(jobs)}]"
-        if job.finished:
+        state, why = saved_state(job)
+        if state == "finished":
             skipped += 1
-            print(f"# {prefix} skip {job.name}: {job.output_dir / 'metrics.json'} exists", file=out)
-        elif dry_run:
+            print(f"# {prefix} skip {job.name}: finished with these settings ({job.output_dir / METRICS_NAME})",
+                  file=out)
+            continue
+        if state == "busy" or (state == "mismatch" and not force):
+            refused.append((job, why))
+            hint = "; --force reruns it from scratch" if state == "mismatch" else "; not started"
+            print(f"# {prefix} {state.upper()} {job.name}: {why}{hint}", file=out)
+            continue
+        job = job.forced() if state == "mismatch" else job
+        to_run += 1
+        if dry_run:
             print(job.shell_line(), file=out)
         else:
             todo.append((prefix, job))
     if dry_run:
-        print(f"# dry run: {len(jobs) - skipped} to run, {skipped} skipped (already finished)", file=out)
-        return []
+        print(f"# dry run: {to_run} to run, {skipped} "
+              f"skipped (already finished), {len(refused)} not run (mismatch or in use)", file=out)
+        return refused
 
     lock = threading.Lock()
     stop = threading.Event()  # set by Ctrl-C: runs not yet started are not started
@@ -195,11 +261,15 @@ def run_jobs(jobs: Sequence[Job], dry_run: bool = False, launch: Callable[[Job],
     failures = [(job, status) for (_, job), status in zip(todo, statuses) if status is not None and
                 not (status == 0 and job.finished)]
     done = sum(1 for (_, job), status in zip(todo, statuses) if status == 0 and job.finished)
-    print(f"\nsweep: {done} finished, {skipped} skipped (already finished), {len(failures)} failed", file=out)
+    print(f"\nsweep: {done} finished, {skipped} skipped (already finished), {len(failures)} failed, "
+          f"{len(refused)} not run (mismatch or in use)", file=out)
     for job, status in failures:
         reason = f"exit status {status}" if status else "wrote no metrics.json"
         print(f"  FAILED {job.name} ({reason}): {job.output_dir / LOG_NAME}", file=out)
-    return failures
+    for job, why in refused:
+        print(f"  NOT RUN {job.name}: {why}", file=out)
+    order = {job.name: i for i, job in enumerate(jobs)}
+    return sorted(failures + refused, key=lambda item: order[item[0].name])
 
 
 def thread_budget(parallel: int, cpu_count: Optional[int] = None) -> dict[str, str]:
@@ -223,6 +293,9 @@ def main(argv: Optional[Sequence[str]] = None, out=sys.stdout, launch: Callable[
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once (default 1); see the module help for when more pays")
     parser.add_argument("--dry-run", action="store_true", help="print the commands (and the skipped runs), run nothing")
+    parser.add_argument("--force", action="store_true",
+                        help="rerun from scratch (overwrite=true) the points whose metrics.json came from other "
+                             "settings; finished points of the same settings are still skipped")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides passed to every run")
     args = parser.parse_intermixed_args(argv)
     try:
@@ -236,7 +309,7 @@ def main(argv: Optional[Sequence[str]] = None, out=sys.stdout, launch: Callable[
         return 2
     for job in jobs:
         job.env.update(thread_budget(args.jobs))
-    failures = run_jobs(jobs, dry_run=args.dry_run, launch=launch, out=out, parallel=args.jobs)
+    failures = run_jobs(jobs, dry_run=args.dry_run, launch=launch, out=out, parallel=args.jobs, force=args.force)
     return 1 if failures else 0
 
 

@@ -13,10 +13,26 @@ if TYPE_CHECKING:
     from .data import TaskSpec
     from .run_config import RunConfig
 
-__all__ = ["AdapterInfo", "INFO_NAME", "CARD_NAME", "model_card"]
+__all__ = ["AdapterInfo", "INFO_NAME", "CARD_NAME", "model_card", "is_local_path", "is_hub_id"]
 
 INFO_NAME = "adapter_info.json"
 CARD_NAME = "README.md"
+_NAMED_SOURCES = ("random:", "offline:")  # base models named by ldmole, rebuilt or converted on any machine
+
+
+def is_local_path(source: str) -> bool:
+    """Whether ``source`` names a place on this machine (an existing path, or one spelled as a path:
+    absolute, ``./``, ``../``, ``~`` or with several ``/``) rather than a hub id or an ldmole name."""
+    if source.startswith(_NAMED_SOURCES):
+        return False
+    path = Path(source).expanduser()
+    return path.exists() or path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1 \
+        or "\\" in source
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether ``source`` is a hub repository id (``owner/name``, not an existing path)."""
+    return source.count("/") == 1 and ":" not in source and not is_local_path(source)
 
 
 @dataclass
@@ -26,6 +42,10 @@ class AdapterInfo:
     ``base_model`` is what the run's ``model_source`` named (hub id, local directory,
     ``offline:smollm2_135m`` or ``random:<family>``; a random base is rebuilt from ``seed`` and
     ``random_init``), ``base_model_revision`` the hub commit it was loaded at when known.
+    ``tokenizer`` is a hub id or None, never a local path: a run's local tokenizer (or a local base
+    model's own) is saved into the adapter folder instead (``tokenizer_in_folder``).
+    ``tokenizer_source`` is where ``save_adapter`` copies it from; it is not written to the file.
+    (Folders written before 0.2.1 may record an absolute tokenizer path; they still load.)
     """
 
     base_model: str
@@ -39,41 +59,86 @@ class AdapterInfo:
     num_labels: Optional[int] = None
     torch_dtype: str = "float32"
     tokenizer: Optional[str] = None
+    tokenizer_in_folder: bool = False
     random_init: Optional[dict] = None
     seed: int = 42
     extra: dict = field(default_factory=dict)
+    tokenizer_source: Optional[str] = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_run(cls, config: "RunConfig", spec: "TaskSpec", base: Any = None) -> "AdapterInfo":
-        """The info of a run's adapter from its config, its task and the loaded base model."""
+        """The info of a run's adapter from its config, its task and the loaded base model.
+
+        A hub tokenizer id is recorded as it is; a local tokenizer directory, or the local base
+        model's own tokenizer, is marked to be saved into the folder (``tokenizer_in_folder``).
+        """
         from .. import __version__
 
         revision = getattr(getattr(base, "config", None), "_commit_hash", None)
         backbone = config.backbone
-        return cls(base_model=str(backbone.model_source), model_kind="causal_lm" if spec.kind == "qa" else "classification",
+        source, tokenizer = str(backbone.model_source), backbone.tokenizer
+        local = tokenizer if tokenizer and is_local_path(tokenizer) else None
+        if tokenizer is None and is_local_path(source):
+            local = source
+        return cls(base_model=source, model_kind="causal_lm" if spec.kind == "qa" else "classification",
                    method=config.method, task=config.task, chat_format=backbone.chat_format,
                    ldmole_version=__version__, base_model_revision=revision, model=config.model,
-                   num_labels=spec.num_labels, torch_dtype=backbone.torch_dtype, tokenizer=backbone.tokenizer,
+                   num_labels=spec.num_labels, torch_dtype=backbone.torch_dtype,
+                   tokenizer=None if local else tokenizer, tokenizer_in_folder=local is not None,
+                   tokenizer_source=str(Path(local).expanduser().resolve()) if local else None,
                    random_init=dict(backbone.random_init) or None, seed=config.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields written to ``adapter_info.json`` (all but ``tokenizer_source``)."""
+        data = dataclasses.asdict(self)
+        data.pop("tokenizer_source")
+        return data
+
+    def to_json(self) -> str:
+        """The text of ``adapter_info.json``."""
+        return json.dumps(self.to_dict(), indent=2)
 
     def write(self, directory: Union[str, Path]) -> Path:
         """Writes ``adapter_info.json`` into ``directory`` (atomically)."""
         from ..core.adapter_io import atomic_write
 
         path = Path(directory) / INFO_NAME
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(self), indent=2)))
+        atomic_write(path, lambda tmp: Path(tmp).write_text(self.to_json()))
         return path
 
     @classmethod
     def read(cls, directory: Union[str, Path]) -> "AdapterInfo":
-        """The info of an adapter folder; a clear error when the folder predates it."""
+        """The info of an adapter folder.
+
+        Raises:
+            FileNotFoundError: the folder has no adapter_info.json (it predates it; pass base_model=).
+            ValueError: the file is not valid JSON (line and column named), not a JSON object, or
+                misses required keys (listed).
+        """
         path = Path(directory) / INFO_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: the adapter was saved without its base-model record "
                                     "(adapters written by ldmole before 0.2); pass base_model=... explicitly")
-        data = json.loads(path.read_text())
-        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
+                             "fix the file or save the adapter again") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: holds a JSON {type(data).__name__}, not an object with the keys "
+                             f"{_required_keys()}; fix the file or save the adapter again")
+        missing = [key for key in _required_keys() if key not in data]
+        if missing:
+            raise ValueError(f"{path}: missing required keys {missing}; add them (see AdapterInfo) "
+                             "or save the adapter again")
+        known = {f.name for f in dataclasses.fields(cls)} - {"tokenizer_source"}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _required_keys() -> list[str]:
+    """The keys adapter_info.json must hold (the fields of AdapterInfo without a default)."""
+    return [f.name for f in dataclasses.fields(AdapterInfo)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
 
 
 def _metric_rows(metrics: dict[str, Any]) -> list[str]:
@@ -106,7 +171,7 @@ def _routing_lines(routing: dict[str, Any]) -> list[str]:
 def model_card(info: AdapterInfo, metrics: Optional[dict[str, Any]] = None) -> str:
     """The text of an adapter's ``README.md``: front matter for the hub, what it is, metrics, routing, usage."""
     metrics = metrics or {}
-    hub_base = info.base_model if "/" in info.base_model and ":" not in info.base_model else None
+    hub_base = info.base_model if is_hub_id(info.base_model) else None
     front = ["---", "library_name: ldmole", *([f"base_model: {hub_base}"] if hub_base else []),
              "tags:", "- ldmole", "- mixture-of-lora-experts", f"- {info.method}", "---", ""]
     lines = [f"# {info.method} adapter: {info.base_model} on {info.task}", "",

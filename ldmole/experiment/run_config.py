@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
@@ -23,15 +26,27 @@ from ..core.suggest import did_you_mean
 from .data.chat import CHAT_FORMATS
 from .data.tasks import TASKS
 
-__all__ = ["CONFIG_DIR", "RunConfig", "BackboneConfig", "DataConfig", "OptimConfig", "LossConfig", "LoggingConfig",
-           "compose_config", "parse_overrides", "available", "describe_keys"]
+__all__ = ["CONFIG_DIR", "TORCH_DTYPES", "PATH_KEYS", "RunConfig", "BackboneConfig", "DataConfig", "OptimConfig",
+           "LossConfig", "LoggingConfig", "compose_config", "parse_overrides", "available", "describe_keys",
+           "allowed_range"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+TORCH_DTYPES = ("float32", "bfloat16", "float16")  # the dtypes torch_dtype may name (torch.<name>)
 
 
-def setting(default: Any, help: str, choices: Sequence[str] = ()) -> Any:
-    """A config field with its default, its help text and, for named values, the names it may take."""
-    metadata = {"help": help, "choices": tuple(choices)}
+def setting(default: Any, help: str, choices: Sequence[str] = (), *, minimum: Optional[float] = None,
+            maximum: Optional[float] = None, exclusive_minimum: bool = False, exclusive_maximum: bool = False,
+            item_type: Optional[type] = None, path: bool = False) -> Any:
+    """A config field with its default, help text and allowed values, all kept in the field's metadata.
+
+    ``choices``: the names a string may take. ``minimum`` / ``maximum``: the range of a number (of each
+    element of a list), exclusive where ``exclusive_minimum`` / ``exclusive_maximum``. ``item_type``: the
+    type of a list's elements. ``path``: a file or folder, taken as written on the command line (no YAML),
+    a leading ``~`` expanded (``PATH_KEYS``).
+    """
+    metadata = {"help": help, "choices": tuple(choices), "minimum": minimum, "maximum": maximum,
+                "exclusive_minimum": exclusive_minimum, "exclusive_maximum": exclusive_maximum,
+                "item_type": item_type, "path": path}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -42,11 +57,12 @@ class BackboneConfig:
     """The base model and how text becomes its tokens (model files set these)."""
 
     model_source: Optional[str] = setting(None, "hub id, local directory, offline:smollm2_135m or random:<family> "
-                                                "(set by the model file)")
-    tokenizer: Optional[str] = setting(None, "tokenizer directory or hub id; null = the model's own")
+                                                "(set by the model file)", path=True)
+    tokenizer: Optional[str] = setting(None, "tokenizer directory or hub id; null = the model's own", path=True)
     chat_format: str = setting("plain", "how a prompt becomes tokens (README: the chat_format table)",
                                tuple(CHAT_FORMATS))
-    torch_dtype: str = setting("float32", "dtype the base model's weights load in (float32, bfloat16, float16)")
+    torch_dtype: str = setting("float32", f"dtype the base model's weights load in ({', '.join(TORCH_DTYPES)})",
+                               TORCH_DTYPES)
     random_init: dict = setting({}, "shape of a random:<family> model (hidden_size, num_hidden_layers, ...)")
 
 
@@ -54,15 +70,17 @@ class BackboneConfig:
 class DataConfig:
     """Where the task data comes from and how much of it a run uses."""
 
-    data_dir: Optional[str] = setting(None, "local data root (DIR/<name>/<split>.jsonl); null = Hugging Face hub")
+    data_dir: Optional[str] = setting(None, "local data root (DIR/<name>/<split>.jsonl); null = Hugging Face hub",
+                                      path=True)
     max_length: Optional[int] = setting(None, "longest sequence; null = the task's (1024 QA, 512 GLUE); longer "
-                                              "sequences are an error unless truncate_long=true")
-    train_max_examples: Optional[int] = setting(None, "train on N examples (drawn with seed); null = all")
-    eval_max_examples: Optional[int] = setting(None, "score at most the first N selection / evaluation examples")
+                                              "sequences are an error unless truncate_long=true", minimum=1)
+    train_max_examples: Optional[int] = setting(None, "train on N examples (drawn with seed); null = all", minimum=1)
+    eval_max_examples: Optional[int] = setting(None, "score at most the first N selection / evaluation examples; "
+                                                     "null = all", minimum=1)
     protocol: str = setting("selection", "selection: best epoch on a split carved from train, scored on validation; "
                                          "reference: select and report on validation", ("selection", "reference"))
     selection_size: Optional[int] = setting(None, "size of the selection carve; null = min(500, 10% of train) "
-                                                  "(MMLU-Pro: its fixed 80/10/10 carve)")
+                                                  "(MMLU-Pro: its fixed 80/10/10 carve)", minimum=1)
     skip_bad_rows: bool = setting(False, "skip malformed data rows (counted in metrics.json) instead of failing")
     truncate_long: bool = setting(False, "left-truncate prompts longer than max_length instead of failing")
 
@@ -71,20 +89,24 @@ class DataConfig:
 class OptimConfig:
     """Optimisation (docs/method.md §4): AdamW, batch arithmetic, lr schedule, precision."""
 
-    num_epochs: int = setting(10, "training epochs")
-    max_steps: Optional[int] = setting(None, "stop after this many optimiser steps (smoke runs); null = no cap")
+    num_epochs: int = setting(10, "training epochs", minimum=1)
+    max_steps: Optional[int] = setting(None, "stop after this many optimiser steps (smoke runs); null = no cap",
+                                       minimum=1)
     batch_size: int = setting(16, "global batch per optimiser step (all processes and accumulation together); the "
-                                  "last step of an epoch may have fewer micro-batches, its gradient still their mean")
+                                  "last step of an epoch may have fewer micro-batches, its gradient still their mean",
+                              minimum=1)
     per_device_batch_size: int = setting(4, "micro-batch per process; accumulation = batch_size / "
-                                            "(per_device_batch_size x processes)")
-    eval_batch_size: int = setting(16, "batch of selection and evaluation")
-    lr: float = setting(1.0e-4, "AdamW learning rate")
-    weight_decay: float = setting(0.1, "AdamW weight decay")
-    grad_clip: float = setting(1.0, "gradient norm clip")
-    lr_milestones: list = setting([6, 8], "epochs at which the lr is multiplied by lr_gamma (MultiStepLR)")
-    lr_gamma: float = setting(0.1, "lr factor at each milestone")
-    warmup_steps: int = setting(0, "linear lr warm-up steps")
-    label_smoothing: float = setting(0.1, "label smoothing of the task cross-entropy (answer tokens only)")
+                                            "(per_device_batch_size x processes)", minimum=1)
+    eval_batch_size: int = setting(16, "batch of selection and evaluation", minimum=1)
+    lr: float = setting(1.0e-4, "AdamW learning rate", minimum=0, exclusive_minimum=True)
+    weight_decay: float = setting(0.1, "AdamW weight decay", minimum=0)
+    grad_clip: float = setting(1.0, "gradient norm clip", minimum=0, exclusive_minimum=True)
+    lr_milestones: list = setting([6, 8], "epochs at which the lr is multiplied by lr_gamma (MultiStepLR)",
+                                  item_type=int, minimum=1)
+    lr_gamma: float = setting(0.1, "lr factor at each milestone", minimum=0, exclusive_minimum=True)
+    warmup_steps: int = setting(0, "linear lr warm-up steps", minimum=0)
+    label_smoothing: float = setting(0.1, "label smoothing of the task cross-entropy (answer tokens only)",
+                                     minimum=0, maximum=1, exclusive_maximum=True)
     mixed_precision: str = setting("no", "accelerate autocast: no, bf16 or fp16 (run.sh uses bf16 on GPUs); the "
                                          "router stays float32", ("no", "bf16", "fp16"))
     gradient_checkpointing: bool = setting(False, "non-reentrant activation checkpointing")
@@ -94,14 +116,16 @@ class OptimConfig:
 class LossConfig:
     """Routing loss terms added to the task loss (method files set them)."""
 
-    lb_coef: float = setting(1.0, "load-balance loss coefficient; 0 = off")
+    lb_coef: float = setting(1.0, "load-balance loss coefficient; 0 = off", minimum=0)
     lb_probs: str = setting("weights", "P of the load balance for topk routing: weights (renormalised top-k) or "
                                        "softmax (full softmax, MoLA's); other routers use their weights", LB_PROBS)
-    sparsity_coef: float = setting(0.0, "analytic sparsity loss coefficient; 0 = off")
-    sparsity_k: int = setting(2, "target number of active experts of the sparsity loss")
-    z_coef: float = setting(0.0, "router z-loss coefficient; 0 = off")
-    remole_initial_coef: float = setting(1.0e-8, "ReMoLE L1 controller: initial coefficient (> 0)")
-    remole_rate: float = setting(1.2, "ReMoLE L1 controller: coefficient factor per optimiser step (> 1)")
+    sparsity_coef: float = setting(0.0, "analytic sparsity loss coefficient; 0 = off", minimum=0)
+    sparsity_k: int = setting(2, "target number of active experts of the sparsity loss", minimum=1)
+    z_coef: float = setting(0.0, "router z-loss coefficient; 0 = off", minimum=0)
+    remole_initial_coef: float = setting(1.0e-8, "ReMoLE L1 controller: initial coefficient", minimum=0,
+                                         exclusive_minimum=True)
+    remole_rate: float = setting(1.2, "ReMoLE L1 controller: coefficient factor per optimiser step", minimum=1,
+                                 exclusive_minimum=True)
     remole_l1: str = setting("balanced", "ReMoLE's L1: balanced (ReMoE's load-balanced L1) or plain "
                                          "(mean over tokens of sum_e p_e)", REMOLE_L1_FORMS)
 
@@ -110,13 +134,18 @@ class LossConfig:
 class LoggingConfig:
     """Logs, saved adapters, checkpoints and failure diagnosis."""
 
-    log_every: int = setting(10, "optimiser steps per log.jsonl line")
+    log_every: int = setting(10, "optimiser steps per log.jsonl line", minimum=1)
     report_to: str = setting("none", "none, tensorboard or wandb (when installed): step losses, selection accuracy "
                                      "per epoch, final metrics and routing summary", ("none", "tensorboard", "wandb"))
-    save_epoch_adapters: list = setting([1], "also keep the adapter after these epochs (adapter_epoch<N>/)")
-    save_every: int = setting(0, "resumable checkpoint every N optimiser steps and at epoch ends; 0 = off")
-    keep_checkpoints: int = setting(2, "newest checkpoints kept under output_dir/checkpoints/")
-    resume: Optional[str] = setting(None, "auto = newest checkpoint of output_dir, or a checkpoints/step-N directory")
+    save_epoch_adapters: list = setting([1], "also keep the adapter after these epochs (adapter_epoch<N>/)",
+                                        item_type=int, minimum=1)
+    save_every: int = setting(0, "resumable checkpoint every N optimiser steps and at epoch ends; 0 = off",
+                              minimum=0)
+    keep_checkpoints: int = setting(2, "newest checkpoints kept under output_dir/checkpoints/", minimum=1)
+    resume: Optional[str] = setting(None, "auto = newest checkpoint of output_dir, or a checkpoints/step-N directory",
+                                    path=True)
+    overwrite: bool = setting(False, "start again in an output_dir that holds another run: its files are removed "
+                                     "first (never with resume)")
     debug_nonfinite: bool = setting(False, "check every step and name the first module whose output went "
                                            "NaN/inf (slow)")
 
@@ -137,8 +166,8 @@ class RunConfig:
     model: str = setting("qwen3_1.7b", "a configs/models/ file (model_source, chat_format, torch_dtype, ...)")
     task: str = setting("arc_c", f"a registered task: {', '.join(TASKS)}", tuple(TASKS))
     method: str = setting("ldmole", "a configs/methods/ file (see Methods)")
-    seed: int = setting(42, "data order, selection carve, initialisation")
-    output_dir: Optional[str] = setting(None, "null = runs/<model>/<task>/<method>/seed<seed>")
+    seed: int = setting(42, "data order, selection carve, initialisation", minimum=0, maximum=2**32 - 1)
+    output_dir: Optional[str] = setting(None, "null = runs/<model>/<task>/<method>/seed<seed>", path=True)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -167,12 +196,15 @@ class RunConfig:
                 raise ValueError(f"unknown key {key!r}{did_you_mean(key, sorted(keys))}; "
                                  "valid keys are listed in README.md (or ldmole.cli.train --help)")
             section, spec, hint = keys[key]
-            values[section][key] = _check_value(key, value, hint, spec.metadata["choices"])
+            values[section][key] = _check_value(key, value, hint, spec.metadata)
         try:
             mole = MoLEConfig(**(flat.get("mole") or {}))
         except (ValueError, TypeError) as error:
             raise ValueError(f"invalid mole settings for method={flat.get('method')!r}: {error}") from None
         config = cls(**values[None], mole=mole, **{name: SECTIONS[name](**values[name]) for name in SECTIONS})
+        if config.logging.overwrite and config.logging.resume is not None:
+            raise ValueError(f"overwrite=true and resume={config.logging.resume!r} exclude each other (overwrite "
+                             "removes the run that resume would continue): drop one of them")
         if not config.backbone.model_source:
             raise ValueError(f"model_source is not set: configs/models/{config.model}.yaml (or model_source=...) "
                              "must name the base model")
@@ -199,13 +231,57 @@ def flat_keys() -> dict[str, tuple[Optional[str], dataclasses.Field, Any]]:
     return keys
 
 
+# Keys naming a file or folder: taken as written after ``key=`` (no YAML), a leading ``~`` expanded.
+PATH_KEYS = frozenset(key for key, (_, spec, _) in flat_keys().items() if spec.metadata["path"])
+
 _TYPE_NAMES = {int: "an int", float: "a number", str: "a string", bool: "true or false", list: "a list",
                dict: "a mapping"}
 
 
-def _check_value(key: str, value: Any, hint: Any, choices: Sequence[str]) -> Any:
-    """``value`` as the field's type (ints as floats; a bare YAML no/yes as the string); errors name the key."""
-    if typing.get_origin(hint) is Union:
+def allowed_range(metadata: Mapping[str, Any]) -> str:
+    """A field's range as text (``>= 1``, ``> 0``, ``in [0, 1)``; a list's ``ints >= 1``); empty when it has none."""
+    low, high = metadata["minimum"], metadata["maximum"]
+    if low is not None and high is not None:
+        opening, closing = "(" if metadata["exclusive_minimum"] else "[", ")" if metadata["exclusive_maximum"] else "]"
+        text = f"in {opening}{low}, {high}{closing}"
+    elif low is not None:
+        text = f"{'>' if metadata['exclusive_minimum'] else '>='} {low}"
+    elif high is not None:
+        text = f"{'<' if metadata['exclusive_maximum'] else '<='} {high}"
+    else:
+        return ""
+    return f"{metadata['item_type'].__name__}s {text}" if metadata["item_type"] else text
+
+
+def _in_range(value: Any, metadata: Mapping[str, Any]) -> bool:
+    """Whether a number lies in the field's range (NaN never does)."""
+    low, high = metadata["minimum"], metadata["maximum"]
+    above = low is None or (value > low if metadata["exclusive_minimum"] else value >= low)
+    below = high is None or (value < high if metadata["exclusive_maximum"] else value <= high)
+    return above and below
+
+
+def _null_meaning(metadata: Mapping[str, Any]) -> str:
+    """What null means for an optional field, from its help text (``null = no cap``), as ``" (or null = ...)"``."""
+    match = re.search(r"null = ([^;]+)", metadata["help"])
+    return f" (or null = {match.group(1).strip()})" if match else " (or null)"
+
+
+def _check_items(key: str, value: list, metadata: Mapping[str, Any]) -> None:
+    """Each element of a list field has the field's item type and lies in its range; errors name the key."""
+    item_type = metadata["item_type"]
+    for item in value:
+        wrong_type = not isinstance(item, item_type) or (item_type is int and isinstance(item, bool))
+        if wrong_type or not _in_range(item, metadata):
+            raise ValueError(f"{key}={value!r} must be a list of {allowed_range(metadata) or item_type.__name__}; "
+                             f"{item!r} is not (e.g. {key}=[1, 2])")
+
+
+def _check_value(key: str, value: Any, hint: Any, metadata: Mapping[str, Any]) -> Any:
+    """``value`` as the field's type (ints as floats; a bare YAML no/yes as the string), among its choices and in
+    its range; errors name the key and what it may be."""
+    optional = typing.get_origin(hint) is Union
+    if optional:
         if value is None:
             return None
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
@@ -219,17 +295,33 @@ def _check_value(key: str, value: Any, hint: Any, choices: Sequence[str]) -> Any
     ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
     if not ok:
         raise ValueError(f"{key}={value!r} must be {_TYPE_NAMES[hint]}")
+    choices = metadata["choices"]
     if choices and value not in choices:
         raise ValueError(f"{key}={value!r} is unknown{did_you_mean(value, choices)}; choose one of {tuple(choices)}")
+    if hint is float and math.isinf(value):
+        raise ValueError(f"{key}={value!r} must be a finite number")
+    if hint is list and metadata["item_type"]:
+        _check_items(key, value, metadata)
+    elif hint in (int, float) and not _in_range(value, metadata):
+        null = _null_meaning(metadata) if optional else ""
+        raise ValueError(f"{key}={value!r} must be {allowed_range(metadata)}{null}")
     return value
 
 
+def _describe(spec: dataclasses.Field, hint: Any) -> str:
+    """A field's help text, its range appended (``...; must be >= 1 or null``) where it has one."""
+    text = allowed_range(spec.metadata)
+    if not text:
+        return spec.metadata["help"]
+    return f"{spec.metadata['help']}; must be {text}{' or null' if typing.get_origin(hint) is Union else ''}"
+
+
 def describe_keys() -> list[tuple[str, Any, str]]:
-    """(key, default, help) of every key, ``mole.<field>`` keys last (what ``--help`` prints)."""
+    """(key, default, help with the range) of every key, ``mole.<field>`` keys last (what ``--help`` prints)."""
     rows = []
-    for key, (_, spec, _) in flat_keys().items():
+    for key, (_, spec, hint) in flat_keys().items():
         default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
-        rows.append((key, default, spec.metadata["help"]))
+        rows.append((key, default, _describe(spec, hint)))
     for spec in dataclasses.fields(MoLEConfig):
         default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
         rows.append((f"mole.{spec.name}", default, spec.metadata["help"]))
@@ -249,14 +341,37 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _parse_value(item: str, key: str, value: str) -> Any:
+    """One ``key=value`` argument's value: None when empty; a path key's text as written (``~`` expanded); else YAML.
+
+    Raises:
+        ValueError: the value is not valid YAML (naming the argument).
+    """
+    if value == "":
+        return None
+    if key in PATH_KEYS:
+        return os.path.expanduser(value)
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"argument {item!r} is not valid YAML ({problem}); fix it: a list as [6, 8], text with "
+                         "brackets or ': ' in quotes") from None
+
+
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["max_steps=20", "mole.r=4"]`` -> ``{"max_steps": 20, "mole.r": 4}`` (values parsed as YAML)."""
+    """``["max_steps=20", "mole.r=4", "output_dir=~/off"]`` -> ``{"max_steps": 20, "mole.r": 4, "output_dir":
+    "/home/me/off"}``: values parsed as YAML, except ``PATH_KEYS``, taken as written with ``~`` expanded.
+
+    Raises:
+        ValueError: an argument is not ``key=value`` or its value is not valid YAML.
+    """
     overrides: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"argument {item!r} is not key=value (e.g. max_steps=20)")
-        overrides[key.strip()] = yaml.safe_load(value) if value != "" else None
+        overrides[key.strip()] = _parse_value(item, key.strip(), value)
     return overrides
 
 

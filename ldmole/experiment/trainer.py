@@ -12,6 +12,7 @@ import json
 import math
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,24 +26,26 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..core import losses
-from ..core.adapter_io import atomic_write, load_mole, read_mole_weights, save_mole
+from ..core.adapter_io import atomic_write, load_mole, read_mole_weights, write_mole_files
 from ..core.injection import get_mole_model, mole_parameters
 from ..core.records import RoutingRecord, routing_records
 from ..core.routers import aux_losses_of
 from .adapter_info import AdapterInfo
-from .checkpointing import (latest_checkpoint, new_checkpoint_tmp, prune_checkpoints, rng_state, set_rng_state,
-                            write_checkpoint)
+from .checkpointing import (STATE_NAME, CheckpointError, finalize_checkpoint, latest_checkpoint, load_plain,
+                            new_checkpoint_tmp, prune_checkpoints, read_record, rng_state, set_rng_state)
 from .data.features import IGNORE_INDEX
 from .metrics import METRICS_NAME, RunMetrics
 from .pretrained import save_adapter
 from .routing_stats import RoutingStats
 from .run_config import OptimConfig, RunConfig
+from .run_folder import CONFIG_NAME, LOG_NAME, TRACKER_DIR, RunFolder, RunPlan
+from .run_identity import identity, identity_hash
 from .setup import RunData, SelectedLogits, build_base_model, eval_loader, evaluate, load_run_data, train_collate
 from .sharding import (clip_parameters, gather_mole_state, is_sharded, load_mole_state, load_optimizer_state,
                        optimizer_state)
 
 __all__ = ["train", "Trainer", "TrainState", "LossTerm", "routing_loss_terms", "task_loss", "NonFiniteLossError",
-           "routing_scalars", "final_scalars"]
+           "routing_scalars", "final_scalars", "read_log"]
 
 LOSS_TERMS = ("task", "lb", "sparsity", "z", "l1")
 
@@ -117,6 +120,26 @@ def _epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
     """The training order of ``epoch``: a permutation seeded by (seed, epoch), so a resumed run
     sees exactly the batches an uninterrupted one would."""
     return np.random.default_rng([seed, epoch]).permutation(num_examples).tolist()
+
+
+def read_log(path: Path) -> list[tuple[str, dict]]:
+    """(line, parsed entry) of every line of a ``log.jsonl``. A torn last line (a crash while it was
+    written) is dropped with a warning naming the file; an unparsable line before the last is an error.
+
+    Raises:
+        ValueError: a line other than the last is not JSON (naming the file and the line).
+    """
+    lines = path.read_text().splitlines()
+    entries = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entries.append((line, json.loads(line)))
+        except ValueError as error:
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}, is not JSON ({error}); the log is damaged: fix or remove "
+                                 "that line, or start again with overwrite=true") from None
+            warnings.warn(f"{path}: dropped its unparsable last line (torn by a crash): {line[:80]!r}", stacklevel=2)
+    return entries
 
 
 def _record_nonfinite_modules(model: nn.Module) -> list[str]:
@@ -224,15 +247,24 @@ def train(config: RunConfig) -> RunMetrics:
     started = time.time()
     controller = remole_controller(config)  # built before the model loads: bad remole_* settings fail early
     accelerator = make_accelerator(config)
-    data = load_run_data(config)
-    base = build_base_model(config, data.task.spec, data.encoder.tokenizer)
-    get_mole_model(base, config.mole)
-    if config.optim.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainer = Trainer(config, accelerator, data, base, routing_loss_terms(config, controller), controller)
-    resumed_from = trainer.resume_or_start()
-    trainer.fit()
-    return trainer.finish(time.time() - started, resumed_from)
+    folder = RunFolder(config.output_dir)
+    try:
+        plan = None
+        if accelerator.is_main_process:  # one writer per folder; what it may do is decided before anything loads
+            folder.acquire()
+            plan = folder.plan(config)
+        plan = broadcast_object(accelerator, plan)
+        data = load_run_data(config)
+        base = build_base_model(config, data.task.spec, data.encoder.tokenizer)
+        get_mole_model(base, config.mole)
+        if config.optim.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainer = Trainer(config, accelerator, data, base, routing_loss_terms(config, controller), controller)
+        trainer.resume_or_start(folder, plan)
+        trainer.fit()
+        return trainer.finish(time.time() - started, plan.resume_from)
+    finally:
+        folder.release()
 
 
 class Trainer:
@@ -245,7 +277,7 @@ class Trainer:
         self.main = accelerator.is_main_process
         self.tracking = config.logging.report_to != "none"  # tensorboard / wandb through accelerate
         self.output_dir = Path(config.output_dir)
-        self.log_path = self.output_dir / "log.jsonl"
+        self.log_path = self.output_dir / LOG_NAME
         optim, encoder = config.optim, data.encoder
         self.train_features = encoder(data.train_examples, truncate=config.data.truncate_long)
         loaders = [eval_loader(encoder(examples, truncate=config.data.truncate_long), optim.eval_batch_size,
@@ -278,6 +310,7 @@ class Trainer:
         self.running_micro = 0  # micro-batches summed into `running` since the last log line
         self.step_lr = optim.lr  # the lr the last optimiser step used (what a log line reports)
         self.progress = None     # the tqdm bar, open while fit() runs
+        self.base_revision = getattr(getattr(base, "config", None), "_commit_hash", None)  # hub commit, when known
 
     def epoch_loader(self, epoch: int) -> DataLoader:
         """The training batches of ``epoch`` in its seeded order (own generator: see ``eval_loader``)."""
@@ -288,32 +321,33 @@ class Trainer:
             collate_fn=partial(train_collate, pad_token_id=encoder.pad_token_id, kind=encoder.kind),
             generator=torch.Generator().manual_seed(seed + epoch)))
 
-    def resume_or_start(self) -> Optional[Path]:
-        """Restores the checkpoint ``resume`` names (returned), or starts afresh; writes config.yaml."""
-        resume, resume_from = self.config.logging.resume, None
-        if resume == "auto":
-            resume_from = latest_checkpoint(self.output_dir)
-        elif resume:
-            resume_from = Path(resume)
-            if not (resume_from / "trainer_state.pt").is_file():
-                raise FileNotFoundError(f"resume={resume!r}: no trainer_state.pt there; pass a "
-                                        f"{self.output_dir / 'checkpoints'}/step-N directory or resume=auto")
-        if resume_from is not None:
-            self.load_checkpoint(resume_from)
+    def resume_or_start(self, folder: RunFolder, plan: RunPlan) -> None:
+        """Clears what the folder's plan clears (the main process), restores the checkpoint it resumes
+        from, marks the folder as running and writes config.yaml."""
         if self.main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            if resume_from is None and self.log_path.exists():
-                self.log_path.unlink()  # a fresh start: the log of an earlier attempt would interleave with this one
+            if plan.note:
+                warnings.warn(plan.note, stacklevel=2)
+            folder.clear(plan)
+        self.accelerator.wait_for_everyone()
+        if plan.resume_from is not None:
+            self.load_checkpoint(plan.resume_from)
+        if self.main:
+            folder.mark_running(self.config.to_flat())
             text = yaml.safe_dump(self.config.to_flat(), sort_keys=False)
-            atomic_write(self.output_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+            atomic_write(self.output_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
         if self.tracking:
-            self.accelerator.init_trackers("ldmole", config={k: str(v) for k, v in self.config.to_flat().items()})
-        return resume_from
+            self.accelerator.init_trackers(TRACKER_DIR, config={k: str(v) for k, v in self.config.to_flat().items()})
 
     def load_checkpoint(self, directory: Path) -> None:
-        """Adapter, optimiser, scheduler, controller, train state and this process's RNG from ``directory``."""
+        """Adapter, optimiser, scheduler, controller, train state and this process's RNG from ``directory``
+        (whose identity the run folder's plan has checked)."""
         accelerator = self.accelerator
-        saved = torch.load(directory / "trainer_state.pt", weights_only=False)
+        saved = load_plain(directory / STATE_NAME)
+        revision = read_record(directory).get("base_model_revision")
+        if revision and self.base_revision and revision != self.base_revision:
+            raise CheckpointError(f"resume: {directory} was trained on {self.config.backbone.model_source} at revision "
+                                  f"{revision}, but the base model loaded now is at {self.base_revision}; load the "
+                                  "same revision or start again with overwrite=true")
         if saved["num_processes"] != accelerator.num_processes:
             raise ValueError(f"resume: {directory} was written by {saved['num_processes']} processes but this run "
                              f"has {accelerator.num_processes}; resume with the same number of processes")
@@ -327,10 +361,9 @@ class Trainer:
         if self.controller is not None:
             self.controller.load_state_dict(saved["controller"])
         self.state.load_state_dict(saved["progress"])
-        set_rng_state(torch.load(directory / f"rng_rank{accelerator.process_index}.pt", weights_only=False))
+        set_rng_state(load_plain(directory / f"rng_rank{accelerator.process_index}.pt"))
         if self.main and self.log_path.exists():  # drop log lines written after the checkpoint
-            kept = [line for line in self.log_path.read_text().splitlines()
-                    if json.loads(line).get("step", 0) <= self.state.step]
+            kept = [line for line, entry in read_log(self.log_path) if entry.get("step", 0) <= self.state.step]
             atomic_write(self.log_path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
 
     def save_checkpoint(self) -> None:
@@ -344,14 +377,16 @@ class Trainer:
         weights = gather_mole_state(accelerator, self.wrapped, self.base)
         optimizer = optimizer_state(accelerator, self.wrapped, self.optimizer)
         if self.main:
-            save_mole(self.base, tmp, state_dict=weights)
+            write_mole_files(self.base, tmp, state_dict=weights)
             torch.save({"progress": self.state.state_dict(), "optimizer": optimizer,
                         "scheduler": self.scheduler.state_dict(),
                         "controller": self.controller.state_dict() if self.controller is not None else None,
-                        "num_processes": accelerator.num_processes}, tmp / "trainer_state.pt")
+                        "num_processes": accelerator.num_processes}, tmp / STATE_NAME)
         accelerator.wait_for_everyone()
         if self.main:
-            write_checkpoint(tmp, step)
+            run = identity(self.config.to_flat())
+            finalize_checkpoint(tmp, step, {"identity": run, "identity_hash": identity_hash(run),
+                                            "base_model_revision": self.base_revision})
             prune_checkpoints(self.output_dir, self.config.logging.keep_checkpoints)
         accelerator.wait_for_everyone()
 
@@ -408,7 +443,8 @@ class Trainer:
                 self.log_step(epoch)
             if state.step >= self.total_steps:
                 break
-            if save_every and state.step % save_every == 0:
+            # The epoch's last step is saved once, by end_epoch, with the epoch's selection result.
+            if save_every and state.step % save_every == 0 and state.batches_done < micro_per_epoch:
                 self.save_checkpoint()
 
     def micro_step(self, batch: dict, loss_scale: float) -> None:
@@ -490,7 +526,8 @@ class Trainer:
         """The adapter with its base-model record and model card (``ldmole.from_pretrained`` loads it);
         ``weights``: the full MoLE weights (from :func:`gather_mole_state`) to write."""
         info = AdapterInfo.from_run(self.config, self.data.task.spec, self.base)
-        save_adapter(self.base, directory, info, metrics.to_dict() if metrics is not None else None, state_dict=weights)
+        save_adapter(self.base, directory, info, metrics.to_dict() if metrics is not None else None, state_dict=weights,
+                     tokenizer=self.data.encoder.tokenizer)
 
     def finish(self, elapsed_s: float, resumed_from: Optional[Path]) -> RunMetrics:
         """Loads the best epoch, scores the evaluation split with routing statistics, writes the outputs."""
