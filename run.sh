@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Fine-tune one MoLE adapter. Edit the settings below (or set them in the environment), then:
-#   bash run.sh                      # the paper's setting: Qwen3-1.7B, ARC-Challenge, LD-MoLE
-#   DATA_DIR=../shared/data MODEL=smollm2_135m bash run.sh     # offline, on the bundled real data
+#   bash run.sh                      # the paper's recipe on Qwen3-1.7B, ARC-Challenge, LD-MoLE
+#   DATA_DIR=/path/to/data MODEL=smollm2_135m bash run.sh      # offline: local data, the converted SmolLM2
 #   bash run.sh max_steps=100 mole.num_experts=4               # extra key=value pass through
+#   bash run.sh imports=my_routers.py mole.router=my_router  # a router of your own (docs/extending.md)
 # An empty setting keeps the value of the config files (configs/models/, methods/) or the default
-# (python -m ldmole.cli.train --help lists every key).
+# (ldmole-train --help and docs/config.md list every key). Relative paths are relative to this folder.
 set -euo pipefail
 
 # Counts must be plain digits: bash arithmetic below would evaluate any other text as an expression

@@ -13,7 +13,8 @@
 #   figures      ldmole-plot-routing of the seed-42 runs on the whole validation split, and of the
 #                ldmole / ldmole_reference adapters at initialisation
 # Settings (environment): ROOT (default runs/study), DATA_DIR (required), JOBS (runs at once, default
-# 1; on one H200 all 26 training runs side by side took about 12 minutes, docs/study_smollm2.md),
+# 1; with all 26 training runs side by side on one H200, the mean wall time per run was 364-724 s
+# by method: the wall-time columns of docs/study_smollm2.md),
 # SEEDS and METHODS (of the headline stage, default 42,43,44 and the six above), SPARSITY_COEFS
 # (default "0.03 0.1 0.3 1", the study's), EXTRA
 # (key=value overrides added to every run, e.g. EXTRA="max_steps=2" for a smoke test) and

@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from ldmole import MoLEConfig, get_mole_model, load_mole, save_mole
 from ldmole.core.injection import mole_parameters
-from ldmole.experiment.setup import SelectedLogits
+from ldmole.experiment.selected_logits import SelectedLogits
 from ldmole.experiment.sharding import (gather_mole_state, is_sharded, load_mole_state, load_optimizer_state,
                                         optimizer_state)
 from tests.helpers import tiny_model

@@ -1,5 +1,6 @@
-"""Every bad setting is a named error when the config is composed: ranges, list elements, choices, path
-keys taken as written, YAML syntax errors, overwrite with resume, and run.sh's integer variables."""
+"""Every bad setting is a named error when the config is composed, or when a section is built in code: ranges,
+list elements, choices (each list defined once), path keys taken as written, YAML syntax errors, overwrite with
+resume, and run.sh's integer variables."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import typing
 
 import pytest
 
-from ldmole.experiment.run_config import PATH_KEYS, allowed_range, compose_config, describe_keys, flat_keys
+from ldmole.experiment.data.splits import PROTOCOLS
+from ldmole.experiment.precision import MIXED_PRECISIONS, autocast_for
+from ldmole.experiment.run_config import (PATH_KEYS, BackboneConfig, DataConfig, LoggingConfig,
+                                         LossConfig, OptimConfig, RunConfig, allowed_range, compose_config,
+                                         describe_keys, flat_keys)
 from tests.helpers import REPO_ROOT
 
 TINY = ["model=tiny_qwen3", "task=arc_c", "method=ldmole"]
@@ -108,6 +113,39 @@ def test_the_path_keys_are_the_fields_declared_with_path_true():
 ])
 def test_path_keys_are_taken_as_written(argument, key, value):
     assert compose_config([*TINY, argument]).to_flat()[key] == value
+
+
+@pytest.mark.parametrize("section, settings, message", [
+    (OptimConfig, {"lr": -1}, "lr=-1.0 must be > 0"),
+    (OptimConfig, {"lr_milestones": [0]}, "lr_milestones=[0] must be a list of ints >= 1"),
+    (OptimConfig, {"mixed_precision": "fp8"}, "mixed_precision='fp8' is unknown"),
+    (DataConfig, {"protocol": "best"}, "protocol='best' is unknown"),
+    (DataConfig, {"max_length": 0}, "max_length=0 must be >= 1"),
+    (LossConfig, {"sparsity_k": 0}, "sparsity_k=0 must be >= 1"),
+    (BackboneConfig, {"torch_dtype": "int8"}, "torch_dtype='int8' is unknown"),
+    (LoggingConfig, {"overwrite": True, "resume": "auto"}, "exclude each other"),
+    (RunConfig, {"seed": -1}, "seed=-1 must be in [0, 4294967295]"),
+    (RunConfig, {"task": "arc-c"}, "unknown task 'arc-c' (did you mean 'arc_c'"),
+])
+def test_a_section_built_in_code_is_checked_as_one_composed_from_yaml(section, settings, message):
+    with pytest.raises(ValueError) as error:
+        section(**settings)
+    assert message in str(error.value)
+
+
+def test_a_section_built_in_code_stores_each_value_as_its_type():
+    optim = OptimConfig(lr=1, weight_decay=0)
+    assert optim.lr == 1.0 and type(optim.lr) is float and type(optim.weight_decay) is float
+
+
+def test_each_choice_list_is_defined_once():
+    keys = flat_keys()
+    assert keys["protocol"][1].metadata["choices"] is PROTOCOLS, "protocol choices come from the data splits"
+    assert keys["mixed_precision"][1].metadata["choices"] is MIXED_PRECISIONS
+    for name in MIXED_PRECISIONS:
+        autocast_for(name, "cpu")  # every choice the config accepts is one autocast_for knows
+    with pytest.raises(ValueError, match=r"choose one of \('no', 'bf16', 'fp16'\)"):
+        autocast_for("fp8", "cpu")
 
 
 def test_overwrite_is_a_key_and_excludes_resume():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldmole import LambdaMLP, MoLELinear, routing_records
+from ldmole import LambdaMLP, MoLEConfig, MoLELinear, routing_records
 from tests.helpers import DATA_DIR, scaled, tokenizer_dir
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -22,8 +22,9 @@ def layer_pair(router: str, seed: int = 0) -> tuple[MoLELinear, MoLELinear]:
     base = nn.Linear(256, 384, bias=False)
     experts = 1 if router == "lora" else 8
     mlp = LambdaMLP(256, 64) if router == "sparsegen" else None
-    cpu = MoLELinear(base, experts, r=8, alpha=16, router=router, top_k=2, lambda_mlp=mlp,
-                     fixed_lambda=-1.0 if router == "sparsegen_fixed" else None)
+    config = MoLEConfig(router=router, num_experts=experts, r=8, alpha=16, top_k=2, dropout=0.0,
+                        fixed_lambda=-1.0 if router == "sparsegen_fixed" else None)
+    cpu = MoLELinear(base, config, num_experts=experts, lambda_mlp=mlp)
     with torch.no_grad():
         cpu.lora_B.normal_(std=0.05)
     gpu_base = nn.Linear(256, 384, bias=False).to("cuda", torch.bfloat16)
@@ -32,8 +33,7 @@ def layer_pair(router: str, seed: int = 0) -> tuple[MoLELinear, MoLELinear]:
     if mlp is not None:
         gpu_mlp = LambdaMLP(256, 64).cuda()
         gpu_mlp.load_state_dict(mlp.state_dict())
-    gpu = MoLELinear(gpu_base, experts, r=8, alpha=16, router=router, top_k=2, lambda_mlp=gpu_mlp,
-                     fixed_lambda=-1.0 if router == "sparsegen_fixed" else None)
+    gpu = MoLELinear(gpu_base, config, num_experts=experts, lambda_mlp=gpu_mlp)
     gpu.load_state_dict(cpu.state_dict())
     return cpu.eval(), gpu.eval()
 

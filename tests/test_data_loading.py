@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ldmole.experiment.data import TASKS, get_task, load_split_rows, load_task
+from ldmole.experiment.data import CLASSIFICATION_KIND, TASKS, get_task, load_split_rows, load_task
 from ldmole.experiment.data.examples import MalformedRowError, rows_to_examples
 from ldmole.experiment.data.splits import carve_train_validation_test
 from tests.helpers import DATA_DIR, FIXTURE_DATA, SHARED_DATA, needs_data, scaled
@@ -51,8 +51,23 @@ def test_registry_covers_the_paper_tasks_with_their_hub_names():
     assert (get_task("arc_c").hub_path, get_task("arc_c").hub_config) == ("allenai/ai2_arc", "ARC-Challenge")
     assert (get_task("swag").hub_path, get_task("swag").hub_config) == ("allenai/swag", "regular")
     assert (get_task("rte").hub_path, get_task("rte").hub_config) == ("nyu-mll/glue", "rte")
-    assert get_task("rte").kind == "classification" and get_task("rte").num_labels == 2
+    assert get_task("rte").task_kind is CLASSIFICATION_KIND and get_task("rte").num_labels == 2
     assert get_task("rte").max_length == 512 and get_task("csqa").max_length == 1024
+
+
+def test_load_task_takes_a_task_name_or_its_spec():
+    by_name = load_task(task="arc_c", data_dir=DATA_DIR, selection_size=2)
+    by_spec = load_task(get_task("arc_c"), DATA_DIR, selection_size=2)
+    assert by_name.spec is by_spec.spec is get_task("arc_c")
+    assert [e.uid for e in by_name.selection] == [e.uid for e in by_spec.selection] and len(by_name.selection) == 2
+
+
+def test_a_task_without_a_hub_path_needs_data_dir():
+    import dataclasses
+
+    local_only = dataclasses.replace(get_task("rte"), name="rte_local_only", hub_path=None)
+    with pytest.raises(ValueError, match="'rte_local_only' has no hub_path .*pass data_dir= .*glue_rte/train.jsonl"):
+        load_split_rows(local_only, "train")
 
 
 def test_unknown_task_error_lists_valid_names_and_suggests_the_closest():
@@ -67,7 +82,7 @@ def test_unknown_task_error_lists_valid_names_and_suggests_the_closest():
 
 def test_missing_data_dir_error_names_the_path_and_fix(tmp_path):
     with pytest.raises(FileNotFoundError) as caught:
-        load_split_rows("arc_c", "train", tmp_path)
+        load_split_rows(get_task("arc_c"), "train", tmp_path)
     message = str(caught.value)
     assert str(tmp_path / "arc_challenge") in message and "put train.jsonl there" in message, message
     assert "drop data_dir=" in message
@@ -76,7 +91,7 @@ def test_missing_data_dir_error_names_the_path_and_fix(tmp_path):
 def test_missing_split_file_error_names_the_path_and_fix(tmp_path):
     (tmp_path / "glue_rte").mkdir()
     with pytest.raises(FileNotFoundError) as caught:
-        load_split_rows("rte", "validation", tmp_path)
+        load_split_rows(get_task("rte"), "validation", tmp_path)
     message = str(caught.value)
     assert str(tmp_path / "glue_rte" / "validation.jsonl") in message and "'rte'" in message, message
     assert "put validation.jsonl there or drop data_dir=" in message
@@ -90,8 +105,8 @@ def test_json_list_and_parquet_files_load_like_jsonl(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "glue_cola" / "validation.parquet")
-    from_json = load_split_rows("cola", "train", tmp_path)
-    from_parquet = load_split_rows("cola", "validation", tmp_path)
+    from_json = load_split_rows(get_task("cola"), "train", tmp_path)
+    from_parquet = load_split_rows(get_task("cola"), "validation", tmp_path)
     assert from_json == rows and from_parquet == rows
     assert from_json[1].origin.endswith("train.json item 2")
     assert from_parquet[0].origin.endswith("validation.parquet row 1")
@@ -101,7 +116,7 @@ def test_rows_remember_their_file_line_even_after_blank_lines(tmp_path):
     path = tmp_path / "glue_cola" / "train.jsonl"
     path.parent.mkdir()
     path.write_text('{"sentence": "A.", "label": 0}\n\n{"sentence": "B.", "label": 7}\n', encoding="utf-8")
-    rows = load_split_rows("cola", "train", tmp_path)
+    rows = load_split_rows(get_task("cola"), "train", tmp_path)
     assert [row.number for row in rows] == [1, 3]
     with pytest.raises(MalformedRowError, match=r"train\.jsonl line 3: field 'label'"):
         rows_to_examples(get_task("cola"), rows, "train")
@@ -112,7 +127,7 @@ def test_invalid_json_line_names_file_and_line(tmp_path):
     path.parent.mkdir()
     path.write_text('{"sentence": "A.", "label": 0}\n{"sentence": \n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"train\.jsonl line 2: invalid JSON"):
-        load_split_rows("cola", "train", tmp_path)
+        load_split_rows(get_task("cola"), "train", tmp_path)
 
 
 def test_hub_failure_says_the_hub_was_unreachable_and_suggests_data_dir(monkeypatch):
@@ -123,7 +138,7 @@ def test_hub_failure_says_the_hub_was_unreachable_and_suggests_data_dir(monkeypa
 
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     with pytest.raises(ConnectionError) as caught:
-        load_split_rows("obqa", "train")
+        load_split_rows(get_task("obqa"), "train")
     message = str(caught.value)
     assert "allenai/openbookqa" in message and "hub unreachable" in message and "data_dir=" in message, message
 
@@ -133,7 +148,7 @@ def test_hub_rows_are_plain_dicts_with_a_row_origin(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset",
                         lambda *a, **k: datasets.Dataset.from_list([{"sentence": "A.", "label": 1}]))
-    rows = load_split_rows("cola", "train")
+    rows = load_split_rows(get_task("cola"), "train")
     assert rows == [{"sentence": "A.", "label": 1}]
     assert rows[0].origin == "nyu-mll/glue (cola) split train row 1"
 
@@ -151,7 +166,7 @@ def test_hub_repository_with_a_loading_script_falls_back_to_the_parquet_conversi
         return datasets.Dataset.from_list([{"startphrase": "He walks.", "label": 0}])
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    rows = load_split_rows("swag", "validation")
+    rows = load_split_rows(get_task("swag"), "validation")
     assert rows == [{"startphrase": "He walks.", "label": 0}]
     assert calls == [("allenai/swag", "regular", "validation", None),
                      ("allenai/swag", "regular", "validation", "refs/convert/parquet")]
@@ -168,7 +183,7 @@ def test_other_hub_errors_do_not_retry_the_parquet_conversion(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     with pytest.raises(ConnectionError):
-        load_split_rows("swag", "validation")
+        load_split_rows(get_task("swag"), "validation")
     assert calls == [None]
 
 # ---- splits and protocols -----------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from ldmole.cli import evaluate, generate
 from ldmole.experiment.adapter_info import AdapterInfo
 from ldmole.experiment.run_config import compose_config
-from ldmole.experiment.setup import load_run_data, load_run_task, load_split_examples
+from ldmole.experiment.run import Run
 from tests.helpers import DATA_DIR, SHARED_DATA, needs_data, run_command, tiny_run_args
 
 
@@ -26,20 +26,19 @@ def info_only_adapter(folder, **fields) -> str:
 
 @needs_data
 def test_evaluation_and_selection_splits_are_the_runs_own():
-    config = compose_config(tiny_run_args(task="arc_e") + ["selection_size=20", "seed=3"])
-    run = load_run_data(config)
-    evaluation = load_split_examples(config, "evaluation")
-    assert [e.uid for e in evaluation] == [e.uid for e in run.eval_examples]
-    assert [e.prompt for e in load_split_examples(config, "validation")] == [e.prompt for e in evaluation]
-    assert [e.uid for e in load_split_examples(config, "selection")] == [e.uid for e in run.selection_examples]
+    run = Run(compose_config(tiny_run_args(task="arc_e") + ["selection_size=20", "seed=3"]))
+    evaluation = run.source_examples("evaluation")
+    assert [e.uid for e in evaluation] == [e.uid for e in run.examples("evaluation")]
+    assert [e.prompt for e in run.source_examples("validation")] == [e.prompt for e in evaluation]
+    assert [e.uid for e in run.source_examples("selection")] == [e.uid for e in run.examples("selection")]
 
 
 @needs_data
 def test_mmlu_pro_source_splits_are_its_carves():
-    config = compose_config(tiny_run_args(task="mmlu_pro"))
-    task = load_run_task(config)
-    assert [e.prompt for e in load_split_examples(config, "test")] == [e.prompt for e in task.evaluation]
-    assert [e.prompt for e in load_split_examples(config, "validation")] == [e.prompt for e in task.selection]
+    run = Run(compose_config(tiny_run_args(task="mmlu_pro")))
+    task = run.task_data()
+    assert [e.prompt for e in run.source_examples("test")] == [e.prompt for e in task.evaluation]
+    assert [e.prompt for e in run.source_examples("validation")] == [e.prompt for e in task.selection]
 
 
 @needs_data
@@ -54,6 +53,17 @@ def test_a_task_needing_another_head_is_refused_before_loading(tmp_path, capsys)
     assert evaluate.main([folder, "--task", "arc_e"]) == 2
     err = capsys.readouterr().err
     assert "--task arc_e" in err and "classification head" in err and "classification task with 2 labels" in err
+
+
+def test_a_config_yaml_with_the_retired_task_name_key_is_refused(tmp_path, capsys):
+    import yaml
+
+    flat = compose_config(tiny_run_args(task="arc_e")).to_flat()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**flat, "task_name": "arc_e"}))
+    (tmp_path / "adapter").mkdir()
+    info_only_adapter(tmp_path / "adapter")
+    assert evaluate.main([str(tmp_path), "--max-examples", "1"]) == 2
+    assert "unknown key 'task_name'" in capsys.readouterr().err
 
 
 def test_a_path_that_is_no_run_nor_adapter_is_refused(tmp_path, capsys):

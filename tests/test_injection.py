@@ -217,3 +217,25 @@ def test_lora_router_matches_peft_outputs_and_gradients(family):
         peft_layer = peft_model.get_submodule("base_model.model." + layer.name)
         torch.testing.assert_close(layer.lora_A.grad[0], peft_layer.lora_A["default"].weight.grad, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(layer.lora_B.grad[0], peft_layer.lora_B["default"].weight.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_routing_records_read_the_models_own_context_without_a_scan(monkeypatch):
+    from ldmole.core.records import RoutingContext, routing_context_of
+
+    model = get_mole_model(tiny_model("qwen3", num_layers=2), make_config("sparsegen"))
+    context = routing_context_of(model)
+    assert isinstance(context, RoutingContext)
+    assert all(layer.routing_context is context for layer in ldmole.mole_layers(model))
+    assert routing_context_of(ldmole.mole_layers(model)[0]) is context
+    ids, mask = batch()
+    model(input_ids=ids, attention_mask=mask)
+
+    def no_scan(self):
+        raise AssertionError("routing_records scanned the model's modules")
+
+    monkeypatch.setattr(torch.nn.Module, "modules", no_scan)
+    records = routing_records(model)
+    assert len(records) == 14 and [r.name for r in records] == list(context.records)
+    monkeypatch.undo()
+    # a wrapper that is not the model itself still finds the layers' records by a scan
+    assert len(routing_records(torch.nn.ModuleList([model]))) == 14

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ldmole.core.config import MoLEConfig
 from ldmole.core.layer import MoLELinear
 
 D_IN, D_OUT, R, ALPHA = 6, 5, 2, 6.0  # alpha / r = 3, distinct from 1, alpha, r and r / alpha
@@ -24,7 +25,8 @@ def hand_output(base: torch.nn.Linear, lora_A: torch.Tensor, lora_B: torch.Tenso
 def test_layer_output_is_base_plus_alpha_over_r_times_routed_expert_sum(router, num_experts):
     torch.manual_seed(0)
     base = torch.nn.Linear(D_IN, D_OUT)
-    layer = MoLELinear(base, num_experts=num_experts, r=R, alpha=ALPHA, router=router, top_k=2)
+    config = MoLEConfig(router=router, num_experts=num_experts, r=R, alpha=ALPHA, top_k=2, dropout=0.0)
+    layer = MoLELinear(base, config, num_experts=num_experts)
     with torch.no_grad():
         layer.lora_A.normal_()
         layer.lora_B.normal_()

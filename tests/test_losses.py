@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from ldmole import (ReMoLEL1Controller, RoutingRecord, active_expert_fraction, balanced_l1_penalty, l1_penalty,
-                    load_balance_loss, route, router_z_loss, sparsity_loss)
+from ldmole import (ReMoLEL1Controller, RoutingRecord, active_expert_fraction, balanced_l1_penalty, get_router,
+                    l1_penalty, load_balance_loss, router_z_loss, sparsity_loss)
 
 
 def record(weights, router="topk", scores=None, lam=None, mask=None) -> RoutingRecord:
@@ -67,7 +67,7 @@ def test_sparsity_skips_layers_with_no_more_experts_than_k_and_non_sparsegen():
     rec = record(torch.zeros(1, 2, 2), router="sparsegen", scores=torch.randn(1, 2, 2), lam=torch.zeros(1, 2))
     assert sparsity_loss([rec], 2).item() == 0.0
     assert sparsity_loss([record([[[0.5, 0.5]]], router="softmax")], 1).item() == 0.0
-    with pytest.raises(ValueError, match="sparsity_k"):
+    with pytest.raises(ValueError, match="sparsity_loss: k=0 must be >= 1"):
         sparsity_loss([rec], 0)
 
 
@@ -100,9 +100,9 @@ def test_remole_controller_moves_coefficient_toward_target():
     # balanced form on all-ones weights: P_e = 1, n_e = N = 4 -> 8 * Σ_e 1 * 4 / (4 * 2) = 32
     assert controller.penalty([dense]).item() == pytest.approx(controller.coefficient.item() * 32)
     assert ReMoLEL1Controller(2, form="plain").penalty([dense]).item() == pytest.approx(1e-8 * 8)
-    for kwargs, key in ((dict(target_k=0), "mole.top_k"), (dict(target_k=2, rate=1.0), "remole_rate"),
-                        (dict(target_k=2, initial=0.0), "remole_initial_coef"),
-                        (dict(target_k=2, form="l2"), "remole_l1")):
+    for kwargs, key in ((dict(target_k=0), "target_k=0 .*MoLEConfig.top_k"), (dict(target_k=2, rate=1.0), "rate=1.0"),
+                        (dict(target_k=2, initial=0.0), "initial=0.0"),
+                        (dict(target_k=2, form="l2"), "form='l2'")):
         with pytest.raises(ValueError, match=key):
             ReMoLEL1Controller(**kwargs)
 
@@ -167,7 +167,7 @@ def test_load_balance_softmax_probs_is_molas_form():
     # MoLA: f_i = top-k selections of expert i / all selections, P_i = mean full-softmax probability.
     scores = [[[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [5.0, 5.0, 5.0]]]
     mask = [[True, True, False]]
-    rec = record(route(torch.tensor(scores), "topk", top_k=2), router="topk", scores=scores, mask=mask)
+    rec = record(get_router("topk").route_scores(torch.tensor(scores), top_k=2), router="topk", scores=scores, mask=mask)
     real = scores[0][:2]
     softmax = [[math.exp(u) / sum(math.exp(v) for v in row) for u in row] for row in real]
     p_mean = [sum(row[i] for row in softmax) / 2 for i in range(3)]
@@ -182,7 +182,7 @@ def test_load_balance_softmax_probs_is_molas_form():
     # other routers keep their weights as P
     soft = record(torch.softmax(torch.tensor(scores), -1), router="sparsegen", scores=torch.zeros(1, 3, 3))
     assert load_balance_loss([soft], probs="softmax").item() == pytest.approx(load_balance_loss([soft]).item())
-    with pytest.raises(ValueError, match="lb_probs"):
+    with pytest.raises(ValueError, match="probs='logits' is unknown"):
         load_balance_loss([rec], probs="logits")
 
 

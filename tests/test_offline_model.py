@@ -1,4 +1,4 @@
-"""Tests for ldmole.offline_model: cache/atomic-write logic (fast, no network) and a real end-to-end run."""
+"""Tests for ldmole.experiment.offline_model: cache/atomic-write logic (fast, no network) and a real end-to-end run."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from ldmole import RoutingRecord
 from ldmole.experiment.routing_stats import RoutingStats
 from ldmole.experiment.evaluation import classification_metrics, option_scores, qa_metrics
 from ldmole.experiment.run_config import compose_config
-from ldmole.experiment.setup import answer_positions
+from ldmole.experiment.data.collation import answer_positions
 from ldmole.experiment.trainer import _lr_factor
 from tests.helpers import run_command, scaled, tiny_run_args
 
@@ -83,11 +83,11 @@ def test_task_metrics():
     metrics = qa_metrics(np.array([0, 1, 2]), np.array([0, 1, 1]), ["law", "law", "math"])
     assert metrics["accuracy"] == pytest.approx(2 / 3)
     assert metrics["per_category"] == {"law": {"accuracy": 1.0, "count": 2}, "math": {"accuracy": 0.0, "count": 1}}
-    cola = classification_metrics(np.array([1, 0, 1, 1]), np.array([1, 0, 0, 1]), "cola")
+    cola = classification_metrics(np.array([1, 0, 1, 1]), np.array([1, 0, 0, 1]), ("mcc",))
     assert cola["accuracy"] == 0.75 and cola["mcc"] == pytest.approx(0.5773502691896258)
-    assert classification_metrics(np.array([1, 0]), np.array([1, 1]), "mrpc")["f1"] == pytest.approx(2 / 3)
+    assert classification_metrics(np.array([1, 0]), np.array([1, 1]), ("f1",))["f1"] == pytest.approx(2 / 3)
     assert metrics["prediction_counts"] == {"0": 1, "1": 1, "2": 1} and metrics["label_counts"] == {"0": 1, "1": 2}
-    constant = classification_metrics(np.array([0, 0, 0]), np.array([0, 1, 0]), "rte")
+    constant = classification_metrics(np.array([0, 0, 0]), np.array([0, 1, 0]))
     assert constant["prediction_counts"] == {"0": 3} and constant["label_counts"] == {"0": 2, "1": 1}
 
 
@@ -112,7 +112,7 @@ def test_routing_stats_counts_real_tokens_only():
 SMOKE_RUNS = {"tiny_qwen3-arc_c": ("tiny_qwen3", "arc_c"), "tiny_llama-rte": ("tiny_llama", "rte")}
 
 
-# The README's command on the shared data; on the 8-row fixture (7 training rows) one epoch holds at
+# docs/data.md's tiny-model command on the shared data; on the 8-row fixture (7 training rows) one epoch holds at
 # most 7 steps, so it runs 6 steps of batch 1 and evaluates the 8 rows there are.
 SMOKE_STEPS, SMOKE_LOG_EVERY, SMOKE_EVAL = scaled(20, 6), scaled(10, 3), scaled(64, 8)
 SMOKE_BATCH = scaled([], ["batch_size=1", "per_device_batch_size=1", f"log_every={SMOKE_LOG_EVERY}"])

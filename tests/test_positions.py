@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from ldmole import MoLEConfig, get_mole_model, mole_parameters
-from ldmole.experiment.data import collate
-from ldmole.experiment.evaluation import option_scores
-from ldmole.experiment.setup import SelectedLogits, answer_positions, eval_collate, evaluate, train_collate
+from ldmole.experiment.data import CLASSIFICATION_KIND, QA_KIND, collate, get_task
+from ldmole.experiment.data.collation import answer_positions, eval_collate, train_collate
+from ldmole.experiment.evaluation import evaluate, option_scores
+from ldmole.experiment.selected_logits import SelectedLogits
 from tests.helpers import tiny_model
 
 LENGTHS = [5, 9, 3, 7]
@@ -52,7 +53,7 @@ def test_selected_logits_at_last_token_equal_the_stock_classifier_on_each_row_al
         with_random_mole(model, mole)
     gen = torch.Generator().manual_seed(1)
     batch = [{"input_ids": random_ids(n, gen), "label": 0, "example_index": i} for i, n in enumerate(LENGTHS)]
-    collated = train_collate(batch, pad_token_id=0, kind="classification")
+    collated = train_collate(batch, pad_token_id=0, task_kind=CLASSIFICATION_KIND)
     with torch.no_grad():
         got = SelectedLogits(model)(collated["input_ids"], collated["attention_mask"], collated["positions"])[:, 0]
         alone = torch.cat([model(input_ids=torch.tensor([f["input_ids"]])).logits for f in batch])
@@ -103,13 +104,13 @@ def test_evaluation_scores_options_at_the_last_prompt_position(family):
     for feature, answer in zip(batch, expected):
         feature["answer"] = answer
     loader = torch.utils.data.DataLoader(batch, batch_size=len(batch), collate_fn=partial(
-        eval_collate, pad_token_id=0, kind="qa"))
+        eval_collate, pad_token_id=0, task_kind=QA_KIND))
     AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=True)
     examples = [SimpleNamespace(category=None) for _ in batch]
     model.train()
     torch.manual_seed(0)
-    metrics = evaluate(SelectedLogits(model), loader, "qa", "arc_c", examples, autocast=accelerator.autocast,
+    metrics = evaluate(SelectedLogits(model), loader, get_task("arc_c"), examples, autocast=accelerator.autocast,
                        gather=accelerator.gather_for_metrics)
     AcceleratorState._reset_state()
     assert model.training, "evaluate must put a model that was training back into training mode"

@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 import ldmole
-from ldmole import MoLEConfig, MoLELinear, Router, get_mole_model, load_mole, register_router, routing_records, save_mole
+from ldmole import (MoLEConfig, MoLELinear, Router, get_mole_model, load_mole, register_router, routing_records,
+                    save_mole, validate_mole_config)
 from ldmole.core.routers import BUILTIN_ROUTERS, LORA, aux_losses_of, get_router, router_names
 from tests.helpers import DATA_DIR, tiny_model, tokenizer_dir
-
 
 
 @register_router
@@ -56,15 +56,89 @@ def test_register_router_rejects_a_taken_name_and_unknown_losses():
         register_router(type("Nameless", (Router,), {}))
 
 
+@register_router
+class TemperedSoftmaxRouter(Router):
+    """A router with a setting of its own: softmax(u / temperature). Only this class and a method YAML
+    (``mole: {router: test_tempered_softmax, router_options: {temperature: 2.0}}``) name the setting."""
+
+    name = "test_tempered_softmax"
+    dense = True
+    default_options = {"temperature": 1.0}
+
+    @classmethod
+    def validate(cls, config: MoLEConfig, counts) -> None:
+        temperature = cls.resolved_options(config)["temperature"]
+        if not temperature > 0:
+            raise ValueError(f"MoLEConfig.router_options['temperature']={temperature!r} must be > 0")
+
+    @classmethod
+    def route_scores(cls, scores: torch.Tensor, *, top_k: int = 2, lam: Optional[torch.Tensor] = None,
+                     temperature: float = 1.0) -> torch.Tensor:
+        return torch.softmax(scores / temperature, dim=-1)
+
+
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(router="topk", num_experts=2, top_k=3), "top_k=3 exceeds"),
-    (dict(router="relu", num_experts=2, top_k=3), "top_k=3 exceeds"),
-    (dict(router="sparsegen_fixed", fixed_lambda=1.5), "fixed_lambda=1.5"),
+    (dict(router="topk", num_experts=2, top_k=3), "MoLEConfig.top_k=3 exceeds"),
+    (dict(router="relu", num_experts=2, top_k=3), "MoLEConfig.top_k=3 exceeds"),
+    (dict(router="sparsegen_fixed", fixed_lambda=1.5), "MoLEConfig.fixed_lambda=1.5"),
+    (dict(router="test_tempered_softmax", router_options={"temperature": -1.0}), "must be > 0"),
     (dict(router="sparsegen"), "needs a lambda_mlp"),
 ])
 def test_a_layer_built_alone_is_checked_by_its_router(kwargs, message):
+    config = MoLEConfig(r=2, alpha=4, **{"num_experts": 4, **kwargs})
     with pytest.raises(ValueError, match=message):
-        MoLELinear(nn.Linear(8, 6), r=2, alpha=4, **{"num_experts": 4, **kwargs})
+        MoLELinear(nn.Linear(8, 6), config, num_experts=config.num_experts)
+
+
+def test_a_layer_built_alone_needs_a_count_of_its_config():
+    with pytest.raises(ValueError, match="num_experts=3 is not a count of MoLEConfig.num_experts='2468'"):
+        MoLELinear(nn.Linear(8, 6), MoLEConfig(router="topk", num_experts="2468"), num_experts=3)
+
+
+def test_layer_settings_all_come_from_the_config():
+    config = MoLEConfig(router="topk", num_experts=4, top_k=3, r=2, alpha=6, dropout=0.25, router_input="dropout")
+    layer = MoLELinear(nn.Linear(8, 6), config, num_experts=4, name="model.layers.1.mlp.up_proj", layer_index=1)
+    assert (layer.r, layer.scaling, layer.lora_dropout.p, layer.router_input) == (2, 3.0, 0.25, "dropout")
+    assert layer.router_name == "topk" and layer.router.top_k == 3 and layer.config is config
+    assert not hasattr(layer, "router_kind")
+
+
+def test_a_router_reads_its_own_setting_from_the_config(tmp_path):
+    config = MoLEConfig(router="test_tempered_softmax", num_experts=4, r=2, router_options={"temperature": 4.0})
+    model = get_mole_model(tiny_model("qwen3", num_layers=1), config)
+    ids = torch.tensor([[3, 5, 7, 9]])
+    model(input_ids=ids)
+    for record in routing_records(model):
+        torch.testing.assert_close(record.weights, torch.softmax(record.scores / 4.0, dim=-1))
+    assert ldmole.mole_layers(model)[0].router.options == {"temperature": 4.0}
+
+    # the setting travels in mole_config.json and comes back with load_mole
+    save_mole(model, tmp_path)
+    assert json.loads((tmp_path / "mole_config.json").read_text())["router_options"] == {"temperature": 4.0}
+    fresh = load_mole(tiny_model("qwen3", num_layers=1), tmp_path)
+    assert ldmole.mole_config_of(fresh) == config
+    fresh(input_ids=ids)
+    for record in routing_records(fresh):
+        torch.testing.assert_close(record.weights, torch.softmax(record.scores / 4.0, dim=-1))
+
+    # its default when the config leaves it out; the routing function alone takes it as a keyword
+    default = get_mole_model(tiny_model("qwen3", num_layers=1), MoLEConfig(router="test_tempered_softmax", r=2))
+    assert ldmole.mole_layers(default)[0].router.options == {"temperature": 1.0}
+    scores = torch.randn(3, 4)
+    torch.testing.assert_close(TemperedSoftmaxRouter.route_scores(scores), torch.softmax(scores, -1))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"temprature": 2.0}, r"router_options has 'temprature' \(did you mean 'temperature'\?\), which"),
+    ({"temperature": "hot"}, r"router_options\['temperature'\]='hot' must be a float"),
+    ({"temperature": 0.0}, "must be > 0"),
+])
+def test_router_options_are_checked_against_what_the_router_declares(options, message):
+    config = MoLEConfig(router="test_tempered_softmax", router_options=options)
+    with pytest.raises(ValueError, match=message):
+        validate_mole_config(config)
+    with pytest.raises(ValueError, match="router='softmax' does not take; it takes none"):
+        validate_mole_config(MoLEConfig(router="softmax", router_options={"temperature": 2.0}))
 
 
 def test_outside_router_injects_records_trains_and_round_trips(tmp_path):

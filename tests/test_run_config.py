@@ -1,4 +1,5 @@
-"""The typed run configuration, its documentation, the metrics.json schema and the trainer's state."""
+"""The typed run configuration, its documentation (docs/config.md, --help), the metrics.json schema and the
+trainer's state."""
 
 from __future__ import annotations
 
@@ -10,44 +11,55 @@ import yaml
 
 from ldmole.experiment.data import TASKS
 from ldmole.experiment.metrics import RunMetrics
-from ldmole.experiment.run_config import RunConfig, available, compose_config, describe_keys
+from ldmole.experiment.run_config import (RunConfig, available, compose_config, describe_keys, format_value,
+                                         key_table_markdown)
 from ldmole.experiment.trainer import TrainState, routing_loss_terms
 from tests.helpers import REPO_ROOT, run_command
 
 
-def readme_config_keys() -> set[str]:
-    """The backticked keys in the first column of README's "Config keys" table."""
-    text = (REPO_ROOT / "README.md").read_text()
-    section = text.split("## Config keys\n", 1)[1].split("\n## ", 1)[0]
-    table = section.split("| key | default | meaning |", 1)[1].split("\n\n", 1)[0]
-    keys = set()
-    for line in table.splitlines():
+CONFIG_DOC = REPO_ROOT / "docs" / "config.md"
+REGENERATE = 'python -c "from ldmole.experiment.run_config import key_table_markdown as t; print(t())"'
+
+
+def documented_rows() -> dict[str, tuple[str, str]]:
+    """Key -> (default, meaning) of each row of the key table in docs/config.md's generated block."""
+    text = CONFIG_DOC.read_text()
+    block = text.split("<!-- generated: CONFIG_KEYS", 1)[1].split("\n", 1)[1].split("<!-- end: CONFIG_KEYS -->")[0]
+    rows = {}
+    for line in block.splitlines():
         if line.startswith("| `"):
-            keys.update(re.findall(r"`([^`]+)`", line.split("|")[1]))
-    return keys
+            key, default, meaning = re.fullmatch(r"\| `([^`]+)` \| `(.*?)` \| (.*) \|", line).groups()
+            rows[key] = (default, meaning.replace("\\|", "|").replace("\\<", "<"))
+    return rows
 
 
-def test_readme_config_keys_table_lists_exactly_the_fields():
+def test_config_doc_lists_exactly_the_fields():
     fields = {key for key, _, _ in describe_keys()}
-    documented = readme_config_keys()
-    assert not fields - documented, f"fields missing from README's Config keys table: {sorted(fields - documented)}"
-    assert not documented - fields, f"README's Config keys table lists unknown keys: {sorted(documented - fields)}"
+    documented = set(documented_rows())
+    assert not fields - documented, f"keys missing from docs/config.md (regenerate: {REGENERATE}): " \
+                                    f"{sorted(fields - documented)}"
+    assert not documented - fields, f"docs/config.md lists unknown keys: {sorted(documented - fields)}"
 
 
-def readme_config_rows() -> dict[str, str]:
-    """Key -> meaning of each row of README's "Config keys" table."""
-    text = (REPO_ROOT / "README.md").read_text()
-    table = text.split("## Config keys\n", 1)[1].split("| key | default | meaning |", 1)[1].split("\n\n", 1)[0]
-    rows = (line.split(" | ") for line in table.splitlines() if line.startswith("| `"))
-    return {row[0].strip("|` "): row[-1].rstrip(" |") for row in rows}
+def test_config_doc_shows_each_keys_default_and_help_text_as_declared():
+    rows = documented_rows()
+    for key, default, help_text in describe_keys():
+        assert rows[key] == (format_value(default), help_text), \
+            f"docs/config.md's row of {key} differs from its field (regenerate the table: {REGENERATE})"
 
 
-def test_readme_config_keys_table_shows_each_range():
-    rows = readme_config_rows()
-    for key, _, help_text in describe_keys():
-        if "; must be " in help_text:
-            suffix = help_text[help_text.index("; must be "):]
-            assert rows[key].endswith(suffix), f"README's Config keys row of {key} must end with {suffix!r}"
+def test_config_doc_table_is_the_generated_one():
+    assert key_table_markdown() in CONFIG_DOC.read_text(), f"regenerate docs/config.md's table: {REGENERATE}"
+
+
+@pytest.mark.parametrize("value, text", [
+    (-2.5, "-2.5"), (0.0, "0.0"), (1e-4, "1e-4"), (1e-8, "1e-8"), (0.1, "0.1"), (16.0, "16.0"), (1.0, "1.0"),
+    (3, "3"), (None, "null"), (True, "true"), ("x", "x"), ([6, 8], "[6, 8]"), ({}, "{}"),
+])
+def test_defaults_are_written_as_they_are_typed(value, text):
+    assert format_value(value) == text
+    if isinstance(value, float):
+        assert float(text) == value, "the text must read back as the same number"
 
 
 def test_every_field_has_a_help_text():
@@ -59,8 +71,9 @@ def test_train_help_lists_every_key_with_its_default_and_meaning():
     result = run_command("ldmole.cli.train", ["--help"], timeout=60)
     assert result.returncode == 0
     for key, default, help_text in describe_keys():
-        assert f"  {key}=" in result.stdout, f"--help does not list {key}"
-        assert help_text in result.stdout
+        assert f"  {key}={format_value(default)}\n      {help_text}\n" in result.stdout + "\n", \
+            f"--help must list {key} with its default as typed and its help text"
+    assert "mole.lambda_bias_init=-2.5\n" in result.stdout and "sparsity_coef=0.0\n" in result.stdout
 
 
 @pytest.mark.parametrize("model", available("models"))
@@ -101,7 +114,7 @@ def test_loss_terms_come_from_the_method():
                                     for m in ("ldmole_sparse_k2", "mola_8888", "softmax"))}
     assert names == {"ldmole_sparse_k2": ["lb", "sparsity", "z"], "mola_8888": ["z"], "softmax": ["lb", "z"]}
     sparse = {t.name: t.coef for t in routing_loss_terms(compose_config(["method=ldmole_sparse_k2"]), None)}
-    assert sparse == {"lb": 1.0, "sparsity": 1.0}
+    assert sparse == {"lb": 1.0, "sparsity": 0.1}, "docs/study_smollm2.md: 0.1 reaches ~2 experts, 1.0 overshoots"
 
 
 def test_run_metrics_round_trip_and_name_missing_keys():

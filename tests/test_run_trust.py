@@ -1,5 +1,5 @@
 """Trustworthy runs: one run per folder, a resume continues only its own run, nothing read from disk runs
-code, and a crash at any moment loses at most the work since the last checkpoint (README: Failure modes)."""
+code, and a crash at any moment loses at most the work since the last checkpoint (docs/runs.md: Failure modes)."""
 
 from __future__ import annotations
 
@@ -293,7 +293,7 @@ def test_a_failed_swap_keeps_the_previous_checkpoint_of_that_step(tmp_path, monk
 def test_a_resume_refuses_a_checkpoint_of_another_base_model_revision(saved_run, tmp_path, monkeypatch):
     import shutil
 
-    from ldmole.experiment import trainer as trainer_module
+    from ldmole.experiment.run import Run
 
     folder = tmp_path / "run"
     shutil.copytree(saved_run, folder)
@@ -302,13 +302,13 @@ def test_a_resume_refuses_a_checkpoint_of_another_base_model_revision(saved_run,
     record = json.loads(record_path.read_text())
     record["base_model_revision"] = "0123abc"  # the hub commit the run was trained on
     record_path.write_text(json.dumps(record))
-    build = trainer_module.build_base_model
+    build = Run.base_model
 
-    def at_other_revision(*args, **kwargs):
-        model = build(*args, **kwargs)
+    def at_other_revision(run):
+        model = build(run)
         model.config._commit_hash = "4567def"  # the hub's newer commit of the same repository
         return model
 
-    monkeypatch.setattr(trainer_module, "build_base_model", at_other_revision)
+    monkeypatch.setattr(Run, "base_model", at_other_revision)
     with pytest.raises(CheckpointError, match="at revision 0123abc, but the base model loaded now is at 4567def"):
         train(tiny(folder, "max_steps=6", "save_every=2", "resume=auto"))

@@ -23,7 +23,7 @@ from ldmole.core.adapter_io import WEIGHTS_NAME
 from ldmole.core.injection import mole_parameters
 from ldmole.experiment.data.tasks import get_task
 from ldmole.experiment.run_config import compose_config
-from ldmole.experiment.setup import SelectedLogits
+from ldmole.experiment.selected_logits import SelectedLogits
 from ldmole.experiment.sharding import MODEL_PREFIX, is_sharded, mole_state_from
 from ldmole.experiment.trainer import Trainer, TrainState
 from tests.helpers import run_command, tiny_model
@@ -105,8 +105,7 @@ def sharded_trainer(output_dir: Path, main: bool, monkeypatch) -> Trainer:
                                      "save_epoch_adapters=[1]", "save_every=1"])
     trainer.base, trainer.wrapped, trainer.main, trainer.sharded = base, SelectedLogits(base), main, True
     trainer.output_dir, trainer.log_path = output_dir, output_dir / "log.jsonl"
-    trainer.data = SimpleNamespace(task=SimpleNamespace(spec=get_task("arc_c")),
-                                   encoder=SimpleNamespace(kind="qa", tokenizer=None), selection_examples=[])
+    trainer.run = SimpleNamespace(task=get_task("arc_c"), tokenizer=None, examples=lambda split: [])
     trainer.selection_loader, trainer.controller, trainer.bad_modules, trainer.tracking = None, None, [], False
     trainer.state, trainer.total_steps, trainer.base_revision = TrainState(step=3), 10, None
     trainer.first_bad = torch.full((len(trainer_module.LOSS_TERMS),), -1)

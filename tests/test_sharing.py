@@ -274,7 +274,28 @@ def test_a_trained_run_writes_an_adapter_that_from_pretrained_loads(tmp_path):
     card = (tmp_path / "adapter" / "README.md").read_text()
     assert f"| accuracy | {100 * metrics.accuracy:.2f} |" in card and "Mean active experts per token" in card
     model = from_pretrained(tmp_path / "adapter")
-    assert not model.training and any(k.endswith("router.weight") for k in mole_parameters(model))
+    assert not model.training
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "adapter" / "adapter.safetensors"))
+    loaded = mole_parameters(model)
+    assert saved.keys() == loaded.keys() and any(k.endswith("router.weight") for k in loaded)
+    for name, tensor in saved.items():
+        assert torch.equal(loaded[name], tensor), f"{name}: from_pretrained must apply the saved weights"
+    # Training moved the adapter off its initialisation (lora_B starts at zero), so the check above
+    # could not pass with a freshly initialised adapter.
+    assert any(name.endswith("lora_B") and tensor.abs().sum() > 0 for name, tensor in saved.items())
+    # The base is the run's: rebuilt from its seed, every frozen weight equals the run's base.
+    from accelerate.utils import set_seed
+
+    config = tiny_run_config()
+    set_seed(config.seed)
+    base = load_base_model(config.backbone, "causal_lm", load_tokenizer(config.backbone.tokenizer))
+    params = dict(model.named_parameters())
+    for name, param in base.named_parameters():
+        prefix, _, leaf = name.rpartition(".")
+        key = name if name in params else f"{prefix}.base_layer.{leaf}"  # an adapted nn.Linear
+        assert torch.equal(params[key], param), f"{name}: not the run's base weight"
 
 
 def test_export_peft_command_writes_peft_files_for_lora_and_refuses_a_mixture(tmp_path, capsys):

@@ -136,3 +136,11 @@ def test_nan_inputs_propagate_instead_of_failing():
     u = torch.tensor([[0.1, float("nan"), 0.3], [0.2, 0.1, 0.0]])
     p = sparsegen(u, torch.tensor([0.5, float("nan")]))
     assert torch.isnan(p).any(dim=-1).all(), "NaN scores or λ must surface as NaN weights for the loss checks"
+
+
+def test_lambda_lower_bound_is_the_lower_of_lambda_bounds_bit_for_bit():
+    from ldmole.core.sparsegen import lambda_lower_bound
+
+    scores = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(0))
+    for k in range(1, 8):
+        assert torch.equal(lambda_lower_bound(scores, k), lambda_bounds(scores, k)[0])

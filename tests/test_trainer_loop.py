@@ -1,7 +1,9 @@
-"""The training loop's bookkeeping in real tiny runs: the task loss and its label smoothing, the logged lr."""
+"""The training loop: the shape of an optimiser step (micro-batches, sync, mean gradient, one step), and its
+bookkeeping in real tiny runs: the task loss and its label smoothing, the logged lr."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -92,3 +94,101 @@ def test_logged_lr_drops_by_gamma_at_each_epoch_milestone(tmp_path):
         assert entry["lr"] == pytest.approx(lr * gamma ** passed), (
             f"step {entry['step']} (epoch {entry['epoch']}) must log the lr it used, "
             f"lr x gamma^{passed} = {lr * gamma ** passed}, not {entry['lr']}")
+
+
+class StepRecorder:
+    """A fake accelerator, optimiser, scheduler and controller that write what the trainer does, in order,
+    into one event list (so a test can read an optimiser step's shape)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.events: list = []
+        self.sgd = torch.optim.SGD([weight], lr=1.0)
+
+    @contextlib.contextmanager
+    def no_sync(self, model):
+        self.events.append("no_sync")
+        yield
+        self.events.append("sync_again")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.events.append(("backward", round(loss.item(), 6)))
+        loss.backward()
+
+    def clip_grad_norm_(self, params, max_norm) -> None:
+        self.events.append("clip")
+
+    def reduce(self, tensor, reduction):
+        return tensor
+
+    def skip_first_batches(self, loader, count):
+        return loader[count:]
+
+    def step(self) -> None:
+        self.events.append("step")
+        self.sgd.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.events.append("zero_grad")
+        self.sgd.zero_grad(set_to_none=set_to_none)
+
+
+def recording_trainer(accumulation: int, batches: list[dict], batches_done: int = 0):
+    """A Trainer holding only what train_epoch and optimizer_step use; its loss is (w·x)² per micro-batch."""
+    from types import SimpleNamespace
+
+    weight = torch.tensor([1.0, -2.0], requires_grad=True)
+    recorder = StepRecorder(weight)
+    run = trainer.Trainer.__new__(trainer.Trainer)
+    run.accelerator = run.optimizer = recorder
+    run.scheduler = SimpleNamespace(get_last_lr=lambda: [0.5], step=lambda: recorder.events.append("schedule"))
+    run.controller = SimpleNamespace(update=lambda reduce: recorder.events.append("controller"))
+    run.config = SimpleNamespace(optim=SimpleNamespace(grad_clip=1.0),
+                                 logging=SimpleNamespace(save_every=0, log_every=100, debug_nonfinite=False))
+    run.wrapped, run.clip_params, run.accumulation, run.total_steps = None, [weight], accumulation, 100
+    run.state = trainer.TrainState(batches_done=batches_done)
+    run.progress = SimpleNamespace(update=lambda count: None)
+    run.epoch_loader = lambda epoch: batches
+
+    def loss(batch):
+        value = (weight * batch["x"]).sum() ** 2
+        recorder.events.append(("loss", batch["i"], round(value.item(), 6)))
+        return value
+
+    run.micro_batch_loss = loss
+    return run, recorder, weight
+
+
+def micro_batches(count: int) -> list[dict]:
+    return [{"i": i, "x": torch.tensor([0.5 * i + 1.0, 1.0])} for i in range(count)]
+
+
+def test_an_optimizer_step_syncs_only_its_last_micro_batch_and_steps_once_on_their_mean_gradient():
+    batches = micro_batches(5)  # accumulation 2: steps of 2, 2 and a short last one of 1 micro-batch
+    run, recorder, weight = recording_trainer(2, batches)
+    start = weight.detach().clone()
+    run.train_epoch(1)
+    events = recorder.events
+    loss0, loss1 = (round(((start * b["x"]).sum() ** 2).item(), 6) for b in batches[:2])
+    assert events[:11] == ["no_sync", ("loss", 0, loss0), ("backward", round(loss0 / 2, 6)), "sync_again",
+                           ("loss", 1, loss1), ("backward", round(loss1 / 2, 6)),
+                           "clip", "step", "zero_grad", "schedule", "controller"]
+    assert [e if isinstance(e, str) else e[:2] for e in events if e in ("no_sync", "step") or e[0] == "loss"] == [
+        "no_sync", ("loss", 0), ("loss", 1), "step", "no_sync", ("loss", 2), ("loss", 3), "step", ("loss", 4), "step"]
+    scaled = [(loss[2], backward[1]) for loss, backward in zip(events, events[1:])
+              if loss[0] == "loss" and backward[0] == "backward"]
+    assert [round(value / backward, 3) for value, backward in scaled] == [2, 2, 2, 2, 1], \
+        "each backward is its loss over the micro-batches of its step (1 in the short last step)"
+    assert run.state.step == 3 and run.state.batches_done == 5
+    # The first step's update is the mean of its two micro-batches' gradients (SGD, lr 1).
+    first = start.clone().requires_grad_(True)
+    grads = [torch.autograd.grad((first * b["x"]).sum() ** 2, first)[0] for b in batches[:2]]
+    replay, _, replay_weight = recording_trainer(2, batches[:2])
+    replay.train_epoch(1)
+    torch.testing.assert_close(replay_weight.detach(), start - (grads[0] + grads[1]) / 2)
+
+
+def test_a_resumed_epoch_continues_with_the_micro_batches_it_had_left():
+    run, recorder, _ = recording_trainer(2, micro_batches(5), batches_done=2)
+    run.train_epoch(1)
+    assert [e[1] for e in recorder.events if e[0] == "loss"] == [2, 3, 4], "micro-batches 0 and 1 were done"
+    assert recorder.events.count("step") == 2 and recorder.events.count("no_sync") == 1

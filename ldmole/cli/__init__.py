@@ -1,1 +1,2 @@
-"""Command-line entry points (console scripts `ldmole-*`, or `python -m ldmole.cli.<name>`)."""
+"""Command-line entry points: the console scripts `ldmole-*` (pyproject.toml's [project.scripts] names each one's
+module, which also runs as `python -m <module>`)."""

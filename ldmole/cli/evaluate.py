@@ -39,13 +39,16 @@ import torch
 
 from ldmole.core.adapter_io import atomic_write
 from ldmole.experiment.adapter_info import INFO_NAME, AdapterInfo
-from ldmole.experiment.data import get_task
+from ldmole.experiment.data import TASKS, TaskSpec, get_task
+from ldmole.experiment.data.task_kinds import TASK_KINDS
+from ldmole.experiment.evaluation import evaluate_routing
+from ldmole.experiment.precision import MIXED_PRECISIONS, autocast_for
 from ldmole.experiment.metrics import METRICS_NAME, RunMetrics
 from ldmole.experiment.pretrained import RUN_ADAPTER, from_pretrained
 from ldmole.experiment.routing_stats import RoutingStats
+from ldmole.experiment.run import PROTOCOL_SPLITS, Run
 from ldmole.experiment.run_config import RunConfig
-from ldmole.experiment.setup import (RUN_SPLITS, Encoder, adapter_run_config, autocast_for, eval_loader,
-                                     evaluate_routing, load_run_config, load_run_tokenizer, load_split_examples)
+from ldmole.experiment.saved_config import adapter_run_config, load_run_config
 
 
 @dataclasses.dataclass
@@ -81,21 +84,28 @@ def resolve_target(path: Path, data_dir: Optional[str], tokenizer: Optional[str]
                   RunMetrics.read(metrics) if scored else None)
 
 
+def _fits(spec: TaskSpec, info: AdapterInfo) -> bool:
+    """Whether a task's base model is the adapter's: the same model kind and, with a label head, as many labels."""
+    kind = spec.task_kind
+    return kind.model_kind == info.model_kind and (not kind.label_head or spec.num_labels == info.num_labels)
+
+
 def retarget(config: RunConfig, info: AdapterInfo, task: Optional[str]) -> RunConfig:
     """``config`` for ``task`` (default: the adapter's), checked against the adapter's head.
 
     Raises:
-        ValueError: the task needs another head (naming --task and what fits).
+        ValueError: the task needs another head (naming --task and the tasks that fit).
     """
     if task is None or task == config.task:
         return config
-    spec = get_task(task)
-    kind = "causal_lm" if spec.kind == "qa" else "classification"
-    if kind != info.model_kind or (kind == "classification" and spec.num_labels != info.num_labels):
-        fits = ("a QA task (arc_c, arc_e, csqa, obqa, hellaswag, swag, mmlu_pro)" if info.model_kind == "causal_lm"
-                else f"a classification task with {info.num_labels} labels")
+    if not _fits(get_task(task), info):
+        fitting = [name for name, spec in TASKS.items() if _fits(spec, info)]
+        kind = next((kind for kind in TASK_KINDS if kind.model_kind == info.model_kind), None)
+        what = f"a {kind.title} task" if kind is not None else "a task"
+        if kind is not None and kind.label_head:
+            what += f" with {info.num_labels} labels"
         raise ValueError(f"--task {task}: the adapter (trained on {info.task}) has a {info.model_kind} head; "
-                         f"choose {fits}")
+                         f"choose {what} ({', '.join(fitting) or 'none is registered'})")
     return dataclasses.replace(config, task=task)
 
 
@@ -103,25 +113,22 @@ def example_limit(requested: Optional[int], config: RunConfig, own_task: bool, s
     """How many examples to score: --max-examples (0 = all), else the run's cap on its own splits."""
     if requested is not None:
         return requested or None
-    return config.data.eval_max_examples if own_task and split in RUN_SPLITS else None
+    return config.data.eval_max_examples if own_task and split in PROTOCOL_SPLITS else None
 
 
 def score(target: Target, config: RunConfig, split: str, limit: Optional[int], args: argparse.Namespace) -> dict:
-    """Loads base + adapter, scores the split's first ``limit`` examples; the result dict (see README)."""
-    spec = get_task(config.task)
-    examples = load_split_examples(config, split)[:limit]
+    """Loads base + adapter, scores the split's first ``limit`` examples; the result dict (see docs/sharing.md)."""
+    run = Run(config)
+    examples = run.source_examples(split)[:limit]
     if not examples:
         raise ValueError(f"task {config.task!r} split {split!r} has no examples")
-    tokenizer = load_run_tokenizer(config)
-    encoder = Encoder.for_run(config, spec, tokenizer)
-    features = encoder(examples, truncate=config.data.truncate_long)
+    loader = run.loader(examples, args.batch_size)
     device = torch.device(args.device)
     model = from_pretrained(target.adapter, base_model=args.base_model, tokenizer=config.backbone.tokenizer).to(device)
-    batch_size = args.batch_size or config.optim.eval_batch_size
+    batch_size = loader.batch_size
     precision = args.mixed_precision or config.optim.mixed_precision  # "no" without a run's config.yaml
     routing = RoutingStats()
-    metrics = evaluate_routing(model, eval_loader(features, batch_size, encoder.pad_token_id, encoder.kind, config.seed),
-                               encoder.kind, config.task, examples, routing, autocast=autocast_for(precision, device),
+    metrics = evaluate_routing(model, loader, run.task, examples, routing, autocast=autocast_for(precision, device),
                                progress=f"{config.task} {split}")
     return {"adapter": str(target.adapter), "base_model": args.base_model or target.info.base_model,
             "method": target.info.method, "trained_task": target.info.task, "task": config.task, "split": split,
@@ -193,7 +200,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=None, help="replaces the run's data_dir (null = the hub)")
     parser.add_argument("--tokenizer", default=None, help="replaces the run's tokenizer")
     parser.add_argument("--base-model", default=None, help="another location of the base model (hub id or directory)")
-    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
+    parser.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default=None,
                         help="autocast (default: the run's mixed_precision for a run folder, else no)")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here (atomically)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out file")

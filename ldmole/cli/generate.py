@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from ldmole.experiment.adapter_info import AdapterInfo
+from ldmole.experiment.data.task_kinds import task_kind_for_model
 from ldmole.experiment.generation import format_trace_line, generate_with_trace
 from ldmole.experiment.pretrained import adapter_folder, from_pretrained, load_adapter_tokenizer
 
@@ -47,7 +48,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         folder = adapter_folder(args.path)
         info = AdapterInfo.read(folder)
-        if info.model_kind != "causal_lm":
+        if task_kind_for_model(info.model_kind).label_head:
             raise ValueError(f"the adapter (task {info.task}) has a {info.model_kind} head, which scores classes and "
                              "cannot generate; pass an adapter trained on a QA task")
         if args.max_new_tokens < 1:

@@ -35,14 +35,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ldmole import get_mole_model, get_router, load_mole
+from ldmole import get_router
 from ldmole.core.routers import LORA
-from ldmole.experiment.data import TaskData
+from ldmole.experiment.data import Example, TaskData, TaskSpec
+from ldmole.experiment.evaluation import evaluate_routing
 from ldmole.experiment.metrics import RunMetrics
 from ldmole.experiment.routing_stats import RoutingStats
-from ldmole.experiment.run_config import RunConfig
-from ldmole.experiment.setup import (Encoder, build_base_model, eval_loader, evaluate_routing, load_run_config,
-                                     load_run_task, load_run_tokenizer)
+from ldmole.experiment.run import Run
 from ldmole.report import routing_plots as rp
 
 
@@ -55,68 +54,65 @@ def token_frequencies(features: list[dict], vocab_size: int) -> np.ndarray:
     return counts
 
 
-def collect(model, loader, kind: str, task: str, examples) -> tuple[RoutingStats, dict]:
+def collect(model, loader, task: TaskSpec, examples: list[Example]) -> tuple[RoutingStats, dict]:
     """Runs ``loader`` through ``model``; returns its routing (with per-token arrays) and its scores
     (accuracy, answer counts)."""
     routing = RoutingStats(keep_tokens=True)
-    return routing, evaluate_routing(model, loader, kind, task, examples, routing)
+    return routing, evaluate_routing(model, loader, task, examples, routing)
 
 
-def load_inputs(config: RunConfig, num_examples: int, freq_examples: int) -> tuple[TaskData, Encoder, list, list, str]:
-    """(task, encoder, features of the first evaluation examples, features to count token frequencies
+def load_inputs(run: Run, num_examples: int, freq_examples: int) -> tuple[TaskData, list[Example], list, list, str]:
+    """(task data, the first evaluation examples, their features, features to count token frequencies
     on, where those come from): the training split, or the evaluated examples when it is absent."""
     try:
-        task = load_run_task(config)
+        data = run.task_data()
     except FileNotFoundError:  # no local training split (e.g. HellaSwag): count frequencies on the evaluated data
-        task = load_run_task(config, eval_only=True)
-    encoder = Encoder.for_run(config, task.spec, load_run_tokenizer(config))
-    features = encoder(task.evaluation[:num_examples], truncate=config.data.truncate_long)
-    if task.train:
-        freq_source = f"training split ({min(len(task.train), freq_examples)} examples)"
-        return task, encoder, features, encoder(task.train[:freq_examples], truncate=True), freq_source
-    return task, encoder, features, features, f"evaluated examples ({len(features)}; no training split found)"
+        data = run.task_data(eval_only=True)
+    examples = data.evaluation[:num_examples]
+    features = run.features(examples)
+    if data.train:
+        freq_source = f"training split ({min(len(data.train), freq_examples)} examples)"
+        return data, examples, features, run.features(data.train[:freq_examples], truncate=True), freq_source
+    return data, examples, features, features, f"evaluated examples ({len(features)}; no training split found)"
 
 
 INIT_LABEL = "at initialisation"
 
 
-def rerun_adapters(config: RunConfig, task: TaskData, encoder: Encoder, features: list[dict], run_dir: Path,
+def rerun_adapters(run: Run, examples: list[Example], run_dir: Path,
                    args: argparse.Namespace) -> tuple[dict[str, RoutingStats], dict[str, float]]:
-    """Routing and accuracy of the run's adapters (after epoch 1 when saved, and the final one) on ``features``,
-    on the base the run trained on (a random base is rebuilt from the run seed, as train() does).
+    """Routing and accuracy of the run's adapters (after epoch 1 when saved, and the final one) on ``examples``,
+    each on the base the run trained on (a random base is rebuilt from the run seed, as train() does).
     With ``args.at_init``: of the adapter as train() initialises it (the same seed, then the same injection)."""
-    model = build_base_model(config, task.spec, encoder.tokenizer)
     device = torch.device(args.device)
-    loader = eval_loader(features, args.batch_size, encoder.pad_token_id, encoder.kind, config.seed)
+    loader = run.loader(examples, args.batch_size)
     adapters: list[tuple[str, Optional[Path]]] = [("final", run_dir / "adapter")]
     if args.at_init:
-        adapters = [(INIT_LABEL, None)]  # None: inject as train() does, read no adapter files
+        adapters = [(INIT_LABEL, None)]
     elif (run_dir / "adapter_epoch1").is_dir():
         adapters.insert(0, ("after epoch 1", run_dir / "adapter_epoch1"))
     else:
         print("note: no adapter_epoch1/ in the run; expert_share.png shows the final adapter only", file=sys.stderr)
     collected, accuracy = {}, {}
     for label, adapter in adapters:
-        if adapter is None:
-            get_mole_model(model, config.mole)
-        else:
-            load_mole(model, adapter)
-        model.to(device).eval()
-        collected[label], scores = collect(model, loader, encoder.kind, config.task, task.evaluation)
+        model = run.mole_model(adapter).to(device).eval()  # None: injected as train() does, no adapter files read
+        collected[label], scores = collect(model, loader, run.task, examples)
+        del model
         accuracy[label] = scores["accuracy"]
         source = "" if adapter is None else f" ({adapter.name}/)"
-        print(f"{label}{source}: accuracy {accuracy[label]:.3f} on {len(features)} examples; "
+        print(f"{label}{source}: accuracy {accuracy[label]:.3f} on {len(examples)} examples; "
               f"predicted answers (class / option index: count) {scores['prediction_counts']}", file=sys.stderr)
     return collected, accuracy
 
 
-def write_figures(config: RunConfig, args: argparse.Namespace, out: Path, task: TaskData, tokenizer,
+def write_figures(run: Run, args: argparse.Namespace, out: Path, examples: list[Example],
                   collected: dict[str, RoutingStats], accuracy: dict[str, float], freq_features: list[dict],
-                  freq_source: str, num_examples: int, best: Optional[int], layer: int) -> list[Path]:
+                  freq_source: str, best: Optional[int], layer: int) -> list[Path]:
     """Every figure of the module docstring and routing_summary.json; returns the paths written."""
+    config, tokenizer = run.config, run.tokenizer
     name = f"{config.model} · {config.task} · {config.method}" + (f" · {INIT_LABEL}" if args.at_init else "")
     routing = list(collected.values())[-1]  # the final adapter (or the initial one)
-    subtitle = f"{name} — {num_examples} {task.spec.eval_split} examples, {len(routing.token_ids)} tokens"
+    subtitle = f"{name} — {len(examples)} {run.task.eval_split} examples, {len(routing.token_ids)} tokens"
     max_experts = max(len(v) for v in routing.activation_counts.values())
     written = [rp.plot_active_experts_per_layer(rp.active_expert_bands(routing), out / "active_experts_per_layer.png",
                                                 f"Active experts per layer: {subtitle}", max_experts)]
@@ -158,7 +154,7 @@ def write_figures(config: RunConfig, args: argparse.Namespace, out: Path, task: 
     written.append(rp.plot_token_routing(
         [rp.token_label(tokenizer.decode([int(t)])) for t in ids], routing.weights(key)[span][: len(ids)],
         out / f"token_routing_L{layer}_{args.module}_ex{args.example}.png",
-        f"{name}: layer {layer} {args.module}, example {args.example} ({task.evaluation[args.example].uid}; {shown})",
+        f"{name}: layer {layer} {args.module}, example {args.example} ({examples[args.example].uid}; {shown})",
         lam=None if lam is None else lam[span][: len(ids)]))
     return written
 
@@ -181,7 +177,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tokenizer", default=None, help="replaces config.yaml's tokenizer")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--at-init", action="store_true",
-                        help="the adapter as the run's seed initialised it, before training (default out: RUN_DIR/plots_init)")
+                        help="the adapter as the run's seed initialised it, before training "
+                             "(default out: RUN_DIR/plots_init)")
     return parser.parse_args(argv)
 
 
@@ -190,20 +187,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     run_dir = args.run_dir
     try:
-        config = load_run_config(run_dir, args.data_dir, args.tokenizer)
+        run = Run.from_folder(run_dir, args.data_dir, args.tokenizer)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    config = run.config
     if config.mole.router == LORA:
         print("error: method lora has no router (one expert); there is no routing to plot", file=sys.stderr)
         return 2
     metrics_path = run_dir / "metrics.json"
     metrics = RunMetrics.read(metrics_path) if metrics_path.is_file() else None
-    task, encoder, features, freq_features, freq_source = load_inputs(config, args.num_examples, args.freq_examples)
+    _, examples, features, freq_features, freq_source = load_inputs(run, args.num_examples, args.freq_examples)
     if not 0 <= args.example < len(features):
         print(f"error: --example {args.example} is not among the {len(features)} examples run", file=sys.stderr)
         return 2
-    collected, accuracy = rerun_adapters(config, task, encoder, features, run_dir, args)
+    collected, accuracy = rerun_adapters(run, examples, run_dir, args)
     routing = list(collected.values())[-1]
     # On the run's own evaluation examples the rerun must agree (bf16 noise may flip one prediction).
     if metrics is not None and not args.at_init and metrics.num_eval_examples == len(features) and \
@@ -216,8 +214,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{routing.layers[0]}..{routing.layers[-1]}, modules {', '.join(routing.module_types)}", file=sys.stderr)
         return 2
     out = args.out or run_dir / ("plots_init" if args.at_init else "plots")
-    written = write_figures(config, args, out, task, encoder.tokenizer, collected, accuracy, freq_features,
-                            freq_source, len(features), metrics.best_epoch if metrics else None, layer)
+    written = write_figures(run, args, out, examples, collected, accuracy, freq_features, freq_source,
+                            metrics.best_epoch if metrics else None, layer)
     for path in written:
         print(path)
     return 0

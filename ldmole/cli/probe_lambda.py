@@ -19,10 +19,10 @@ from typing import Optional
 
 import torch
 
-from ldmole import get_mole_model, mole_layers
+from ldmole import mole_layers
 from ldmole.experiment.data import collate
+from ldmole.experiment.run import Run
 from ldmole.experiment.run_config import compose_config
-from ldmole.experiment.setup import Encoder, build_base_model, load_run_task, load_run_tokenizer
 
 QUANTILES = (0.05, 0.5, 0.95)
 
@@ -44,9 +44,11 @@ def probe(model, batches) -> dict[tuple[int, str], dict]:
             entry["lam"].append(layer.lambda_mlp(flat))
         return record
 
-    handles = [layer.register_forward_pre_hook(hook(layer)) for layer in mole_layers(model) if layer.lambda_mlp is not None]
+    handles = [layer.register_forward_pre_hook(hook(layer)) for layer in mole_layers(model)
+               if layer.lambda_mlp is not None]
     if not handles:
-        raise ValueError("the method's router has no λ-MLP (use a sparsegen method such as ldmole or ldmole_reference)")
+        raise ValueError("the method's router has no λ-MLP (use a sparsegen method such as ldmole or "
+                         "ldmole_reference)")
     for batch in batches:
         mask_of["mask"] = batch["attention_mask"].bool()
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -74,13 +76,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    task = load_run_task(config, eval_only=True)
-    encoder = Encoder.for_run(config, task.spec, load_run_tokenizer(config))
-    features = encoder(task.evaluation[: args.num_examples], truncate=True)
-    batches = [collate(features[i : i + args.batch_size], encoder.pad_token_id)
+    run = Run(config)
+    features = run.features(run.task_data(eval_only=True).evaluation[: args.num_examples], truncate=True)
+    batches = [collate(features[i : i + args.batch_size], run.pad_token_id)
                for i in range(0, len(features), args.batch_size)]
-    model = build_base_model(config, task.spec, encoder.tokenizer)
-    get_mole_model(model, config.mole).eval()
+    model = run.mole_model().eval()
     try:
         table = probe(model, batches)
     except ValueError as error:

@@ -6,7 +6,8 @@
 Each run writes <root>/<model>/<task>/<method>/seed<seed>/ through `bash run.sh` (so single-GPU,
 multi-GPU and CPU launching is exactly what run.sh does; NUM_GPUS, MIXED_PRECISION, ... from the
 environment still apply). key=value overrides go to every run (after run.sh's own arguments, so they
-win); relative paths in them are relative to the repository root, where run.sh runs. Each run's
+win); relative paths in them are relative to the repository root, where run.sh runs. Modules named by
+imports=... are imported here too, so --tasks and mole.router= may name what they register. Each run's
 output goes to sweep.log in its folder. A failed run does not stop the sweep; failures are listed at
 the end and the exit status is 1.
 
@@ -43,7 +44,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 from ldmole.experiment.data import TASKS
 from ldmole.experiment.metrics import METRICS_NAME, RunMetrics
-from ldmole.experiment.run_config import RunConfig, available, compose_config, parse_overrides
+from ldmole.experiment.run_config import RunConfig, available, compose_config, import_modules, parse_overrides
 from ldmole.experiment.run_folder import RunFolder, saved_config_differences
 from ldmole.experiment.run_identity import describe_differences
 
@@ -302,6 +303,7 @@ def main(argv: Optional[Sequence[str]] = None, out=sys.stdout, launch: Callable[
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]  # ValueError names the bad seed
         if args.jobs < 1:
             raise ValueError(f"--jobs {args.jobs}: run at least 1 job at a time")
+        import_modules(parse_overrides(args.overrides).get("imports"))  # so --tasks may name a task they register
         jobs = build_jobs(_names(args.models, "models"), _names(args.tasks, "tasks"), _names(args.methods, "methods"),
                           seeds, args.root, args.overrides)
     except ValueError as error:

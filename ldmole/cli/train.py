@@ -1,4 +1,8 @@
-"""Fine-tune one MoLE adapter: python -m ldmole.cli.train model=... task=... method=... [key=value ...]."""
+"""Fine-tune one MoLE adapter: ldmole-train model=... task=... method=... [key=value ...]
+
+The same command as `python scripts/train.py ...` and `python -m ldmole.cli.train ...`; run.sh launches it.
+Keys compose: defaults <- configs/models/<model>.yaml <- configs/methods/<method>.yaml <- key=value
+(docs/config.md). imports=my_routers.py imports your module first, so its routers and tasks can be named."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import os
 import sys
 from typing import Optional
 
-from ldmole.experiment.run_config import available, compose_config, describe_keys
+from ldmole.experiment.run_config import available, compose_config, describe_keys, format_value
 
 
 def usage() -> str:
@@ -18,8 +22,7 @@ def usage() -> str:
              f"method: {', '.join(available('methods'))}", "",
              "Keys (default; model and method files may set their own values):"]
     for key, default, help_text in describe_keys():
-        shown = "null" if default is None else default if isinstance(default, str) else json.dumps(default)
-        lines.append(f"  {key}={shown}\n      {help_text}")
+        lines.append(f"  {key}={format_value(default)}\n      {help_text}")
     return "\n".join(lines)
 
 

@@ -1,2 +1,3 @@
-"""The library: Sparsegen, λ-MLP, routers, `MoLELinear`, injection, routing records, losses and
-adapter save/load. Needs only torch (and safetensors for save/load); no transformers, no accelerate."""
+"""The library: Sparsegen, λ-MLP, routers, `MoLELinear`, injection, routing records, losses, adapter
+save/load, and the dense-einsum reference layer. Needs only torch (and safetensors for save/load); no
+transformers, no accelerate."""

@@ -11,14 +11,13 @@ from torch import nn
 from .config import MoLEConfig
 from .lambda_mlp import LambdaMLP
 from .layer import MoLELinear
-from .records import RoutingContext
-from .routers import LORA, get_router
+from .records import RoutingContext, attach_routing_context
+from .routers import LORA, get_router, validate_mole_config
 
 __all__ = ["get_mole_model", "mole_layers", "mole_parameters", "mole_config_of", "LAMBDA_MLPS_ATTR"]
 
 LAMBDA_MLPS_ATTR = "ldmole_lambda_mlps"
 _CONFIG_ATTR = "ldmole_config"
-_CONTEXT_ATTR = "ldmole_routing_context"
 
 
 def _matches(name: str, targets) -> bool:
@@ -108,10 +107,15 @@ def get_mole_model(model: nn.Module, config: MoLEConfig) -> nn.Module:
     modeling code runs unchanged. Every base parameter is frozen; only :func:`mole_parameters`
     train. λ-MLPs (for routers with a learned λ) are registered once under ``model.ldmole_lambda_mlps``.
 
+    ``config`` is checked once here (``validate_mole_config``), not again by each layer. The model keeps
+    one ``RoutingContext`` for all its layers (``ldmole.core.records.routing_context_of(model)``).
+
     Raises:
-        ValueError: the model is already a MoLE model, ``target_modules`` matches no ``nn.Linear``,
-            or the per-layer expert counts do not fit the model (naming the field).
+        ValueError: the config does not fit its router, the model is already a MoLE model,
+            ``target_modules`` matches no ``nn.Linear``, or the per-layer expert counts do not fit the
+            model (naming the field).
     """
+    validate_mole_config(config)
     if mole_layers(model):
         raise ValueError("model already has MoLE layers; build a fresh base model to apply another MoLEConfig")
     targets = [
@@ -121,7 +125,7 @@ def get_mole_model(model: nn.Module, config: MoLEConfig) -> nn.Module:
     if not targets:
         linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and n})
         raise ValueError(
-            f"target_modules={config.target_modules!r} matched no nn.Linear in {type(model).__name__}; "
+            f"MoLEConfig.target_modules={config.target_modules!r} matched no nn.Linear in {type(model).__name__}; "
             f"its linear layers end in {linear_names[:20]}"
         )
     layer_ids = sorted({_layer_index(name) or 0 for name, _ in targets})
@@ -146,12 +150,8 @@ def get_mole_model(model: nn.Module, config: MoLEConfig) -> nn.Module:
                 ).to(base.weight.device).train(base.training)
                 context.lambda_mlps.append(lambda_mlps[key])
             lambda_mlp = lambda_mlps[key]
-        layer = MoLELinear(
-            base, num_experts=counts[layer_index], r=config.r, alpha=config.alpha, dropout=config.dropout,
-            router=config.router, top_k=config.top_k, lambda_mlp=lambda_mlp,
-            fixed_lambda=config.fixed_lambda, name=name, layer_index=layer_index,
-            router_input=config.router_input,
-        )
+        layer = MoLELinear(base, config, num_experts=counts[layer_index], name=name, layer_index=layer_index,
+                           lambda_mlp=lambda_mlp, validated=True)
         layer.routing_context = context
         layer.train(base.training)  # new modules start in training mode; keep the model's mode
         parent_name, _, child_name = name.rpartition(".")
@@ -160,7 +160,7 @@ def get_mole_model(model: nn.Module, config: MoLEConfig) -> nn.Module:
     if len(lambda_mlps):
         model.add_module(LAMBDA_MLPS_ATTR, lambda_mlps)
     setattr(model, _CONFIG_ATTR, config)
-    setattr(model, _CONTEXT_ATTR, context)
+    attach_routing_context(model, context)
     _register_hooks(model, context)
     for param in mole_parameters(model).values():
         param.requires_grad_(True)

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LambdaMLP", "LAMBDA_INITS", "LAMBDA_INPUT_NORMS", "starting_lambda"]
+from .config import LAMBDA_INITS, LAMBDA_INPUT_NORMS
 
-LAMBDA_INITS = ("live", "reference")
-LAMBDA_INPUT_NORMS = ("none", "rms")
+__all__ = ["LambdaMLP"]
+
 _RMS_EPS = 1e-6
-
-
-def starting_lambda(bias_init: float, eps: float) -> float:
-    """λ of a token whose hidden units are all inactive: logsigmoid(bias_init) + 1 - eps (-1.589 at -2.5)."""
-    return -math.log1p(math.exp(-bias_init)) + 1.0 - eps
 
 
 class LambdaMLP(nn.Module):
@@ -54,9 +47,11 @@ class LambdaMLP(nn.Module):
                  bias_init: float = -2.5, input_norm: str = "none") -> None:
         super().__init__()
         if init not in LAMBDA_INITS:
-            raise ValueError(f"lambda_init={init!r} is unknown; choose one of {LAMBDA_INITS}")
+            raise ValueError(f"LambdaMLP: init={init!r} (MoLEConfig.lambda_init) is unknown; "
+                             f"choose one of {LAMBDA_INITS}")
         if input_norm not in LAMBDA_INPUT_NORMS:
-            raise ValueError(f"lambda_input_norm={input_norm!r} is unknown; choose one of {LAMBDA_INPUT_NORMS}")
+            raise ValueError(f"LambdaMLP: input_norm={input_norm!r} (MoLEConfig.lambda_input_norm) is unknown; "
+                             f"choose one of {LAMBDA_INPUT_NORMS}")
         self.fc1 = nn.Linear(in_features, hidden)
         self.fc2 = nn.Linear(hidden, 1)
         self.eps = float(eps)

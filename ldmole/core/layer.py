@@ -12,7 +12,7 @@ from torch import nn
 from .config import MoLEConfig
 from .lambda_mlp import LambdaMLP
 from .records import RoutingContext, RoutingRecord
-from .routers import LORA, get_router
+from .routers import LORA, get_router, validate_mole_config
 
 __all__ = ["MoLELinear"]
 
@@ -23,68 +23,67 @@ class MoLELinear(nn.Module):
     The experts run as one rank-(E·r) LoRA whose hidden units are scaled by the routing weights:
     h = A_cat dropout(x) ([..., E·r]), h_e *= p_e, out += (alpha/r) B_cat h. No [tokens, E, d_out]
     tensor is ever built. Router scores, routing and λ are computed in float32 (also under
-    autocast) from the module input x (or dropout(x), ``router_input``); the experts see dropout(x).
-    Routing uses no host sync.
+    autocast) from the module input x (or dropout(x), ``config.router_input``); the experts see
+    dropout(x). Routing uses no host sync.
+
+    Every setting comes from ``config`` (as PEFT's layers take their ``LoraConfig``): ``r``, ``alpha``,
+    ``dropout``, ``router``, ``router_input``, and whatever the router reads (``top_k``, ``fixed_lambda``,
+    ``router_options``). ``get_mole_model`` checks the config once per model and passes ``validated=True``;
+    a layer built on its own checks it (``validate_mole_config``) and that ``num_experts`` is one of the
+    counts ``config.num_experts`` names.
 
     Args:
         base_layer: the frozen ``nn.Linear`` (d_in -> d_out) being adapted.
-        num_experts: E (1 with ``router="lora"``).
-        r: rank of each expert.
-        alpha: LoRA alpha (scaling alpha / r).
-        dropout: dropout probability on the experts' input.
-        router: a registered router name (``MoLEConfig.router``); ``"lora"`` means one expert and no router.
-        top_k: ``MoLEConfig.top_k`` (experts per token for ``router="topk"``).
+        config: the ``MoLEConfig`` (kept as ``self.config``; one object shared by a model's layers).
+        num_experts: E of this layer (1 with ``router="lora"``); a per-layer count of ``config.num_experts``.
+        name, layer_index: identify the layer in routing records.
         lambda_mlp: the shared λ predictor for routers with a learned λ (``router="sparsegen"``). It
             is owned by the model (registered once, not under every layer) so the router only holds
             a reference.
-        fixed_lambda: ``MoLEConfig.fixed_lambda`` (λ for ``router="sparsegen_fixed"``).
-        name, layer_index: identify the layer in routing records.
-        router_input: ``"x"`` (router and λ-MLP read the module input) or ``"dropout"`` (they read
-            the experts' dropout(x), as the reference release; identical at evaluation).
-
-    The settings are validated as a ``MoLEConfig`` (errors name its fields), so a layer built on its
-    own is checked by the same code as a model.
+        validated: ``config`` was already checked by ``validate_mole_config`` (get_mole_model).
 
     Parameters: ``lora_A [E, r, d_in]`` (kaiming-uniform per expert), ``lora_B [E, d_out, r]`` (zero,
     so the model starts as the base model), ``router``: the registered ``Router`` (its gating weight
     ``router.weight [E, d_in]``; None for lora). Adapter parameters are float32 whatever the base dtype.
+    ``router_name`` is the ``MoLEConfig.router`` value (a string; ``router`` is the module).
     """
 
     def __init__(
         self,
         base_layer: nn.Linear,
+        config: MoLEConfig,
+        *,
         num_experts: int,
-        r: int,
-        alpha: float,
-        dropout: float = 0.0,
-        router: str = "sparsegen",
-        top_k: int = 2,
-        lambda_mlp: Optional[LambdaMLP] = None,
-        fixed_lambda: Optional[float] = None,
         name: str = "",
         layer_index: int = 0,
-        router_input: str = "x",
+        lambda_mlp: Optional[LambdaMLP] = None,
+        validated: bool = False,
     ) -> None:
         super().__init__()
-        settings = MoLEConfig(router=router, num_experts=num_experts, top_k=top_k, r=r, alpha=alpha, dropout=dropout,
-                              fixed_lambda=fixed_lambda, router_input=router_input)
+        if not validated:
+            validate_mole_config(config)
+            counts = config.expert_counts()
+            if num_experts not in counts:
+                raise ValueError(f"num_experts={num_experts!r} is not a count of MoLEConfig.num_experts="
+                                 f"{config.num_experts!r} (counts {counts}); build the config with this layer's count")
         self.base_layer = base_layer
+        self.config = config
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.num_experts = num_experts
-        self.r = r
-        self.scaling = alpha / r
-        self.router_kind = router
-        self.router_input = router_input
+        self.r = config.r
+        self.scaling = config.alpha / config.r
+        self.router_name = config.router
+        self.router_input = config.router_input
         self.name = name
         self.layer_index = layer_index
         self.module_type = name.rsplit(".", 1)[-1] if name else "linear"
         device = base_layer.weight.device
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(num_experts, r, self.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, r, device=device))
-        self.router = None if router == LORA else get_router(router)(
-            self.in_features, num_experts, settings, lambda_mlp=lambda_mlp, device=device)
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(num_experts, self.r, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, self.r, device=device))
+        self.router = None if config.router == LORA else get_router(config.router)(
+            self.in_features, num_experts, config, lambda_mlp=lambda_mlp, device=device)
         self.routing_context = RoutingContext(standalone=True)
         if self.lambda_mlp is not None:
             self.routing_context.lambda_mlps.append(self.lambda_mlp)
@@ -104,13 +103,13 @@ class MoLELinear(nn.Module):
         return self.router.lambda_mlp if self.router is not None else None
 
     def extra_repr(self) -> str:
-        return f"router={self.router_kind}, num_experts={self.num_experts}, r={self.r}, scaling={self.scaling}"
+        return f"router={self.router_name}, num_experts={self.num_experts}, r={self.r}, scaling={self.scaling}"
 
     def _route(self, x: torch.Tensor) -> torch.Tensor:
         """Routing weights [..., E] (float32); stores the layer's routing record."""
         scores, weights, lam = self.router(x)
         ctx = self.routing_context
-        ctx.add(RoutingRecord(self.name, self.layer_index, self.module_type, self.router_kind,
+        ctx.add(RoutingRecord(self.name, self.layer_index, self.module_type, self.router_name,
                               scores, weights, lam, ctx.token_mask(scores)))
         if ctx.standalone and self.lambda_mlp is not None:
             self.lambda_mlp.clear_cache()

@@ -12,16 +12,17 @@ import torch
 
 from .records import RoutingRecord
 from .routers import get_router
-from .sparsegen import lambda_bounds
+from .sparsegen import lambda_lower_bound
 
 __all__ = [
     "load_balance_loss", "sparsity_loss", "router_z_loss", "l1_penalty", "balanced_l1_penalty",
     "ReMoLEL1Controller", "active_expert_fraction", "LB_PROBS", "REMOLE_L1_FORMS",
 ]
 
-# Where the load balance's P comes from (run-config key lb_probs); see load_balance_loss.
+# Where the load balance's P comes from (load_balance_loss's probs; the run config's choice list).
 LB_PROBS = ("weights", "softmax")
-# ReMoLE's L1 term (run-config key remole_l1): ReMoE's load-balanced L1, or the plain L1.
+# ReMoLE's L1 term (ReMoLEL1Controller's form; the run config's choice list): ReMoE's load-balanced L1, or the
+# plain L1.
 REMOLE_L1_FORMS = ("balanced", "plain")
 
 
@@ -59,7 +60,7 @@ def load_balance_loss(records: Sequence[RoutingRecord], dense_top_k: int = 1, pr
     "lb" in their ``aux_losses``, are skipped.
     """
     if probs not in LB_PROBS:
-        raise ValueError(f"lb_probs={probs!r} is unknown; choose one of {LB_PROBS}")
+        raise ValueError(f"load_balance_loss: probs={probs!r} is unknown; choose one of {LB_PROBS}")
     losses = []
     for record in records:
         router = get_router(record.router)
@@ -90,9 +91,10 @@ def sparsity_loss(records: Sequence[RoutingRecord], k: int) -> torch.Tensor:
     λ_lower(k) = 1 - (U_k - k u_(k+1)) from the detached scores, so the loss trains the λ-MLP only
     and is zero once every token has at most k active experts. Layers with E <= k contribute 0.
     Only records of routers with "sparsity" in their ``aux_losses`` (Sparsegen with a learned λ) take part.
+    ``k`` is checked once per call (the run config checks its range at the edge), not per module.
     """
     if k < 1:
-        raise ValueError(f"sparsity_k={k} must be >= 1")
+        raise ValueError(f"sparsity_loss: k={k} must be >= 1 (the target number of active experts)")
     losses = []
     for record in records:
         if record.lam is None or not _applies("sparsity", record):
@@ -101,7 +103,7 @@ def sparsity_loss(records: Sequence[RoutingRecord], k: int) -> torch.Tensor:
         if k >= num_experts:
             losses.append(record.lam.sum() * 0.0)
             continue
-        lower, _ = lambda_bounds(record.scores.detach(), k)
+        lower = lambda_lower_bound(record.scores.detach(), k)
         hinge = torch.relu(lower - record.lam).reshape(-1)
         _, mask = _flat(record, record.scores)
         losses.append((hinge * mask).sum() / mask.sum().clamp_min(1.0))
@@ -180,13 +182,14 @@ class ReMoLEL1Controller:
 
     def __init__(self, target_k: int, initial: float = 1e-8, rate: float = 1.2, form: str = "balanced") -> None:
         if isinstance(target_k, bool) or not isinstance(target_k, int) or target_k < 1:
-            raise ValueError(f"mole.top_k={target_k!r} must be a positive int (the ReMoLE target active experts)")
+            raise ValueError(f"ReMoLEL1Controller: target_k={target_k!r} must be a positive int (the target number "
+                             "of active experts, MoLEConfig.top_k)")
         if not float(initial) > 0:
-            raise ValueError(f"remole_initial_coef={initial} must be > 0 (ReMoE starts at 1e-8)")
+            raise ValueError(f"ReMoLEL1Controller: initial={initial} must be > 0 (ReMoE starts at 1e-8)")
         if not float(rate) > 1:
-            raise ValueError(f"remole_rate={rate} must be > 1 (ReMoE uses 1.2)")
+            raise ValueError(f"ReMoLEL1Controller: rate={rate} must be > 1 (ReMoE uses 1.2)")
         if form not in REMOLE_L1_FORMS:
-            raise ValueError(f"remole_l1={form!r} is unknown; choose one of {REMOLE_L1_FORMS}")
+            raise ValueError(f"ReMoLEL1Controller: form={form!r} is unknown; choose one of {REMOLE_L1_FORMS}")
         self.target_k = target_k
         self.rate = float(rate)
         self.form = form
@@ -206,7 +209,7 @@ class ReMoLEL1Controller:
         gaps = [self.target_k / r.num_experts - _active_fraction(r) for r in records if _applies("l1", r)]
         if not gaps:
             raise ValueError("the ReMoLE controller got no records of a router with the L1 penalty "
-                             "(aux_losses containing 'l1'); set mole.router=relu")
+                             "(aux_losses containing 'l1'); use MoLEConfig.router='relu'")
         gap = torch.stack(gaps).mean()
         self._gap_sum = self._gap_sum.to(gap.device) + gap
         self._observed += 1

@@ -8,7 +8,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["RoutingRecord", "RoutingContext", "routing_records"]
+__all__ = ["RoutingRecord", "RoutingContext", "routing_records", "routing_context_of", "attach_routing_context"]
+
+# Where get_mole_model keeps a model's context; read and written only through the two functions below.
+_MODEL_CONTEXT_ATTR = "ldmole_routing_context"
 
 
 @dataclass
@@ -91,8 +94,29 @@ class RoutingContext:
             self.records[record.name] = record
 
 
+def attach_routing_context(model: nn.Module, context: RoutingContext) -> None:
+    """Makes ``context`` the one :func:`routing_context_of` returns for ``model`` (get_mole_model calls it)."""
+    setattr(model, _MODEL_CONTEXT_ATTR, context)
+
+
+def routing_context_of(module: nn.Module) -> Optional[RoutingContext]:
+    """The ``RoutingContext`` of a MoLE model (the one get_mole_model attached), or of one ``MoLELinear``
+    (its own, or its model's); None for a module that has neither."""
+    context = getattr(module, _MODEL_CONTEXT_ATTR, None)
+    if not isinstance(context, RoutingContext):
+        context = getattr(module, "routing_context", None)
+    return context if isinstance(context, RoutingContext) else None
+
+
 def routing_records(model: nn.Module) -> list[RoutingRecord]:
-    """The records of every MoLE layer of ``model`` (or of one ``MoLELinear``) from its last forward."""
+    """The records of every MoLE layer of ``model`` (or of one ``MoLELinear``) from its last forward.
+
+    Read from the model's :func:`routing_context_of`; only a module without one (a wrapper around the
+    model, or layers assembled by hand) is scanned for its layers' contexts.
+    """
+    context = routing_context_of(model)
+    if context is not None:
+        return list(context.records.values())
     contexts: list[RoutingContext] = []
     for module in model.modules():
         ctx = getattr(module, "routing_context", None)

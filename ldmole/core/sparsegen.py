@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["sparsegen", "lambda_bounds", "SparsegenFunction"]
+__all__ = ["sparsegen", "lambda_bounds", "lambda_lower_bound", "SparsegenFunction"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -117,12 +117,26 @@ def lambda_bounds(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     num_experts = scores.shape[-1]
     if not 1 <= int(k) <= num_experts:
         raise ValueError(f"lambda_bounds: k={k} must be in [1, {num_experts}] (the number of experts)")
-    u = scores.to(_compute_dtype(scores.dtype))
-    u_sorted, _ = torch.sort(u, dim=-1, descending=True)
-    thresholds = _support_thresholds(u_sorted, u_sorted.cumsum(dim=-1))
+    thresholds = _thresholds(scores)
     upper = thresholds[..., k - 1]
     if k == num_experts:
         lower = torch.full_like(upper, float("-inf"))
     else:
         lower = thresholds[..., k]  # = 1 - (U_k - k u_(k+1)), the same value as upper(k + 1)
     return lower, upper
+
+
+def _thresholds(scores: torch.Tensor) -> torch.Tensor:
+    """:func:`_support_thresholds` of ``scores [..., E]`` in the compute dtype."""
+    u = scores.to(_compute_dtype(scores.dtype))
+    u_sorted, _ = torch.sort(u, dim=-1, descending=True)
+    return _support_thresholds(u_sorted, u_sorted.cumsum(dim=-1))
+
+
+def lambda_lower_bound(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """λ_lower(k) = 1 - (U_k - k u_(k+1)) ``[...]``: λ at or above it leaves at most ``k`` experts active.
+
+    The lower half of :func:`lambda_bounds`, bit for bit, without its check: the caller ensures
+    1 <= k < E (the sparsity loss checks k once per call and skips layers with E <= k).
+    """
+    return _thresholds(scores)[..., k]

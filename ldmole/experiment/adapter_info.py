@@ -80,7 +80,7 @@ class AdapterInfo:
         local = tokenizer if tokenizer and is_local_path(tokenizer) else None
         if tokenizer is None and is_local_path(source):
             local = source
-        return cls(base_model=source, model_kind="causal_lm" if spec.kind == "qa" else "classification",
+        return cls(base_model=source, model_kind=spec.task_kind.model_kind,
                    method=config.method, task=config.task, chat_format=backbone.chat_format,
                    ldmole_version=__version__, base_model_revision=revision, model=config.model,
                    num_labels=spec.num_labels, torch_dtype=backbone.torch_dtype,

@@ -40,11 +40,12 @@ def mole_lm(adapter: Union[str, Path], base_model: Optional[str] = None, batch_s
         raise ImportError("mole_lm needs lm-evaluation-harness: pip install 'lm_eval>=0.4,<0.5' "
                           "(or pip install -e '.[lm-eval]')") from error
     from .adapter_info import AdapterInfo
+    from .data.task_kinds import task_kind_for_model
     from .pretrained import adapter_folder, from_pretrained, load_adapter_tokenizer
 
     folder = adapter_folder(adapter)
     info = AdapterInfo.read(folder)
-    if info.model_kind != "causal_lm":
+    if task_kind_for_model(info.model_kind).label_head:
         raise ValueError(f"{adapter}: a {info.model_kind} adapter ({info.task}) has a classification head; "
                          "lm-evaluation-harness scores causal language models only (adapters of QA tasks)")
     model = from_pretrained(folder, base_model=base_model, torch_dtype=torch_dtype).to(device or default_device())

@@ -17,7 +17,7 @@ TASK_SPECIFIC = ("mcc", "f1", "per_category")
 
 @dataclass
 class RunMetrics:
-    """What a finished run reports (README "Outputs"). Identity and accuracy are required; files
+    """What a finished run reports (docs/runs.md, "Outputs"). Identity and accuracy are required; files
     written by older versions may lack the rest, which then reads as None."""
 
     model: str

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
 
-from .run_config import BackboneConfig
+from .data.task_kinds import TaskKind, task_kind_for_model
+
+if TYPE_CHECKING:
+    from .run_config import BackboneConfig
 
 __all__ = ["load_tokenizer", "load_base_model", "resolve_model_source"]
 
@@ -45,7 +48,8 @@ def load_tokenizer(source: str):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(Path(source).expanduser()) if Path(source).expanduser().exists() else source)
+        local = Path(source).expanduser()
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else source)
     except (OSError, ValueError) as error:
         raise OSError(f"tokenizer: {_hub_hint(source, error)}") from None
     if tokenizer.pad_token_id is None:
@@ -64,9 +68,17 @@ def resolve_model_source(source: str) -> str:
     return source
 
 
-def _random_model(family: str, random_init: dict[str, Any], kind: str, num_labels: int, tokenizer) -> nn.Module:
+def _auto_class(task_kind: TaskKind):
+    """The transformers Auto class that builds the base model of ``task_kind``."""
+    import transformers
+
+    return getattr(transformers, task_kind.auto_model)
+
+
+def _random_model(family: str, random_init: dict[str, Any], task_kind: TaskKind, num_labels: int,
+                  tokenizer) -> nn.Module:
     """A randomly initialised Qwen3 / Llama of the given shape with the tokenizer's vocabulary."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     if family not in RANDOM_FAMILIES:
         raise ValueError(f"model_source=random:{family}: choose random:qwen3 or random:llama")
@@ -75,44 +87,37 @@ def _random_model(family: str, random_init: dict[str, Any], kind: str, num_label
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, num_labels=num_labels,
         tie_word_embeddings=True, **random_init,
     )
-    cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
-    return cls.from_config(config)
+    return _auto_class(task_kind).from_config(config)
 
 
-def load_base_model(backbone: BackboneConfig, kind: str, tokenizer, num_labels: int = 2,
+def load_base_model(backbone: "BackboneConfig", model_kind: str, tokenizer, num_labels: int = 2,
                     revision: Optional[str] = None) -> nn.Module:
-    """The run's base model: a causal LM (``kind="causal_lm"``) or a sequence classifier.
+    """The run's base model of ``model_kind`` (a task kind's, as adapter_info.json records it): built by
+    that task kind's ``auto_model``, a causal LM ("causal_lm") or a sequence classifier with ``num_labels``
+    outputs ("classification").
 
     ``model_source`` is a hub id, a local directory, ``offline:smollm2_135m`` or ``random:<family>``
     (shape from ``random_init``, weights from the run seed); ``revision`` pins a hub commit.
-    """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    Raises:
+        ValueError: ``model_kind`` is no task kind's (naming the valid ones).
+    """
+    task_kind = task_kind_for_model(model_kind)
     source = backbone.model_source
     dtype = getattr(torch, backbone.torch_dtype)
     if source.startswith("random:"):
-        model = _random_model(source.split(":", 1)[1], dict(backbone.random_init), kind, num_labels, tokenizer)
+        model = _random_model(source.split(":", 1)[1], dict(backbone.random_init), task_kind, num_labels, tokenizer)
         return model.to(dtype)
     source = resolve_model_source(source)
-    cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
-    extra: dict[str, Any] = {} if kind == "causal_lm" else {"num_labels": num_labels}
+    cls = _auto_class(task_kind)
+    extra: dict[str, Any] = {"num_labels": num_labels} if task_kind.label_head else {}
     if revision:
         extra["revision"] = revision
     try:
         model = cls.from_pretrained(source, **{_DTYPE_KWARG: dtype}, **extra)
     except OSError as error:
         raise OSError(f"model: {_hub_hint(source, error)}") from None
-    if kind != "causal_lm":
+    if task_kind.label_head:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
-
-def language_model_parts(model: nn.Module) -> tuple[nn.Module, Optional[nn.Module]]:
-    """(decoder returning hidden states, output head) of a transformers causal-LM or classifier."""
-    body = getattr(model, "base_model", model)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        head = getattr(model, "score", None) or getattr(model, "classifier", None)
-    if body is model or head is None:
-        raise ValueError(f"{type(model).__name__}: expected a transformers model with a decoder body and a head")
-    return body, head

@@ -8,12 +8,13 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from ..core.config import DEFAULT_TARGET_MODULES
 from ..core.records import RoutingRecord
 
 __all__ = ["RoutingStats", "ModuleKey", "MODULE_ORDER", "LAMBDA_RANGE", "LAMBDA_BINS", "ACTIVE_QUANTILES"]
 
 ModuleKey = tuple[int, str]  # (layer index, module type)
-MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODULE_ORDER = DEFAULT_TARGET_MODULES
 
 LAMBDA_RANGE = (-10.0, 1.0)  # λ below -10 is counted in the first bin (it is effectively dense)
 LAMBDA_BINS = 1100           # 0.01 wide

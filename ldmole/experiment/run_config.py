@@ -2,18 +2,31 @@
 
 Keys stay flat on the command line, in the YAML files and in a run's ``config.yaml`` (``lr=1e-4``,
 ``mole.r=4``); in code they live in typed sections (``config.optim.lr``, ``config.mole.r``). Every
-field has its default and help text here, the single source that ``ldmole.cli.train --help`` and
-README's "Config keys" table (kept in step by a test) describe.
+field has its default, help text and allowed values here, the single source that ``ldmole-train --help``
+and the key table of docs/config.md (kept in step by a test) describe. Each section checks its own
+fields when it is built (``__post_init__``), so a section made in code is checked as one read from YAML.
+
+``imports`` names modules (importable names or ``.py`` files) that composing a config imports before
+anything else is resolved, so that routers and tasks they register can be named by the rest of the config.
+Reading a config back (``RunConfig.from_flat`` of a ``config.yaml``) never imports what the file names, so a
+crafted file cannot run code; the modules named in ``LDMOLE_IMPORTS`` (the user's own choice) are imported.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import hashlib
+import importlib
+import importlib.util
+import json
 import math
 import os
 import re
+import sys
 import typing
+from types import ModuleType
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -22,16 +35,23 @@ import yaml
 
 from ..core.config import MoLEConfig
 from ..core.losses import LB_PROBS, REMOLE_L1_FORMS
+from ..core.routers import router_names, validate_mole_config
 from ..core.suggest import did_you_mean
 from .data.chat import CHAT_FORMATS
+from .data.splits import PROTOCOLS
 from .data.tasks import TASKS
+from .precision import MIXED_PRECISIONS
 
-__all__ = ["CONFIG_DIR", "TORCH_DTYPES", "PATH_KEYS", "RunConfig", "BackboneConfig", "DataConfig", "OptimConfig",
-           "LossConfig", "LoggingConfig", "compose_config", "parse_overrides", "available", "describe_keys",
-           "allowed_range"]
+__all__ = ["CONFIG_DIR", "TORCH_DTYPES", "REPORT_TO", "PATH_KEYS", "IMPORTS_ENV", "RunConfig",
+           "BackboneConfig", "DataConfig", "OptimConfig", "LossConfig", "LoggingConfig", "compose_config",
+           "parse_overrides", "available", "describe_keys", "key_table_markdown", "allowed_range", "format_value",
+           "import_modules", "import_env_modules"]
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "configs"
 TORCH_DTYPES = ("float32", "bfloat16", "float16")  # the dtypes torch_dtype may name (torch.<name>)
+REPORT_TO = ("none", "tensorboard", "wandb")  # the trackers report_to may name
+IMPORTS_ENV = "LDMOLE_IMPORTS"  # modules (os.pathsep-separated) imported whenever a config is built or read back
 
 
 def setting(default: Any, help: str, choices: Sequence[str] = (), *, minimum: Optional[float] = None,
@@ -59,11 +79,14 @@ class BackboneConfig:
     model_source: Optional[str] = setting(None, "hub id, local directory, offline:smollm2_135m or random:<family> "
                                                 "(set by the model file)", path=True)
     tokenizer: Optional[str] = setting(None, "tokenizer directory or hub id; null = the model's own", path=True)
-    chat_format: str = setting("plain", "how a prompt becomes tokens (README: the chat_format table)",
+    chat_format: str = setting("plain", "how a prompt becomes tokens (docs/prompts.md: the chat_format table)",
                                tuple(CHAT_FORMATS))
     torch_dtype: str = setting("float32", f"dtype the base model's weights load in ({', '.join(TORCH_DTYPES)})",
                                TORCH_DTYPES)
     random_init: dict = setting({}, "shape of a random:<family> model (hidden_size, num_hidden_layers, ...)")
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass
@@ -78,11 +101,14 @@ class DataConfig:
     eval_max_examples: Optional[int] = setting(None, "score at most the first N selection / evaluation examples; "
                                                      "null = all", minimum=1)
     protocol: str = setting("selection", "selection: best epoch on a split carved from train, scored on validation; "
-                                         "reference: select and report on validation", ("selection", "reference"))
+                                         "reference: select and report on validation", PROTOCOLS)
     selection_size: Optional[int] = setting(None, "size of the selection carve; null = min(500, 10% of train) "
                                                   "(MMLU-Pro: its fixed 80/10/10 carve)", minimum=1)
     skip_bad_rows: bool = setting(False, "skip malformed data rows (counted in metrics.json) instead of failing")
     truncate_long: bool = setting(False, "left-truncate prompts longer than max_length instead of failing")
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass
@@ -108,8 +134,11 @@ class OptimConfig:
     label_smoothing: float = setting(0.1, "label smoothing of the task cross-entropy (answer tokens only)",
                                      minimum=0, maximum=1, exclusive_maximum=True)
     mixed_precision: str = setting("no", "accelerate autocast: no, bf16 or fp16 (run.sh uses bf16 on GPUs); the "
-                                         "router stays float32", ("no", "bf16", "fp16"))
+                                         "router stays float32", MIXED_PRECISIONS)
     gradient_checkpointing: bool = setting(False, "non-reentrant activation checkpointing")
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass
@@ -129,6 +158,9 @@ class LossConfig:
     remole_l1: str = setting("balanced", "ReMoLE's L1: balanced (ReMoE's load-balanced L1) or plain "
                                          "(mean over tokens of sum_e p_e)", REMOLE_L1_FORMS)
 
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
 
 @dataclass
 class LoggingConfig:
@@ -136,7 +168,7 @@ class LoggingConfig:
 
     log_every: int = setting(10, "optimiser steps per log.jsonl line", minimum=1)
     report_to: str = setting("none", "none, tensorboard or wandb (when installed): step losses, selection accuracy "
-                                     "per epoch, final metrics and routing summary", ("none", "tensorboard", "wandb"))
+                                     "per epoch, final metrics and routing summary", REPORT_TO)
     save_epoch_adapters: list = setting([1], "also keep the adapter after these epochs (adapter_epoch<N>/)",
                                         item_type=int, minimum=1)
     save_every: int = setting(0, "resumable checkpoint every N optimiser steps and at epoch ends; 0 = off",
@@ -149,13 +181,20 @@ class LoggingConfig:
     debug_nonfinite: bool = setting(False, "check every step and name the first module whose output went "
                                            "NaN/inf (slow)")
 
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.overwrite and self.resume is not None:
+            raise ValueError(f"overwrite=true and resume={self.resume!r} exclude each other (overwrite removes the "
+                             "run that resume would continue): drop one of them")
+
 
 SECTIONS = {"backbone": BackboneConfig, "data": DataConfig, "optim": OptimConfig, "losses": LossConfig,
             "logging": LoggingConfig}
 # Keys that model / method files may set on top of the defaults.
 FILE_KEYS = {
-    "models": ("model_source", "chat_format", "torch_dtype", "random_init", "tokenizer", "num_epochs", "mole"),
-    "methods": ("mole", *(f.name for f in dataclasses.fields(LossConfig))),
+    "models": ("model_source", "chat_format", "torch_dtype", "random_init", "tokenizer", "num_epochs", "mole",
+               "imports"),
+    "methods": ("mole", "imports", *(f.name for f in dataclasses.fields(LossConfig))),
 }
 
 
@@ -164,10 +203,15 @@ class RunConfig:
     """One run: which model, task and method, then the typed sections; ``mole`` is the ``MoLEConfig``."""
 
     model: str = setting("qwen3_1.7b", "a configs/models/ file (model_source, chat_format, torch_dtype, ...)")
-    task: str = setting("arc_c", f"a registered task: {', '.join(TASKS)}", tuple(TASKS))
-    method: str = setting("ldmole", "a configs/methods/ file (see Methods)")
+    task: str = setting("arc_c", f"a registered task: {', '.join(TASKS)}, or one an imports module registers")
+    method: str = setting("ldmole", "a configs/methods/ file (README: the methods table)")
     seed: int = setting(42, "data order, selection carve, initialisation", minimum=0, maximum=2**32 - 1)
     output_dir: Optional[str] = setting(None, "null = runs/<model>/<task>/<method>/seed<seed>", path=True)
+    imports: list = setting([], "modules imported before the config is composed, so that the routers and tasks they "
+                                "register can be named: importable names or .py files (relative: from the current "
+                                "folder, else the repository root); model file, method file and command line add up; "
+                                "a saved config.yaml only records them (reading it back imports LDMOLE_IMPORTS)",
+                            item_type=str)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -176,6 +220,10 @@ class RunConfig:
     mole: MoLEConfig = field(default_factory=MoLEConfig)
 
     def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}{did_you_mean(self.task, list(TASKS))}; choose one of "
+                             f"{list(TASKS)} (a task registered by your own module needs imports=its_file.py)")
         if self.output_dir is None:
             self.output_dir = f"runs/{self.model}/{self.task}/{self.method}/seed{self.seed}"
 
@@ -183,10 +231,28 @@ class RunConfig:
     def from_flat(cls, flat: dict[str, Any]) -> "RunConfig":
         """A config from flat keys (``config.yaml``'s layout); missing keys take their defaults.
 
+        ``imports`` is only checked, never imported: a ``config.yaml`` read back must not run the code it
+        names (:func:`compose_config` imports it). The modules of ``LDMOLE_IMPORTS`` are imported first, so
+        a run composed with ``imports`` reads back with them set there.
+
         Raises:
-            ValueError: an unknown key (naming the closest), a value of the wrong type or not among
-                the key's choices, or an invalid ``mole`` setting.
+            ValueError: an unknown key (naming the closest), a value of the wrong type, not among the key's
+                choices or out of its range, or an invalid ``mole`` setting; a router or task the recorded
+                ``imports`` registered and nothing imported now says how to import them.
         """
+        import_env_modules()
+        try:
+            return cls._from_flat(flat)
+        except ValueError as error:
+            router = (flat.get("mole") or {}).get("router", MoLEConfig.router)
+            unregistered = router not in router_names() or flat.get("task", cls.task) not in TASKS
+            if flat.get("imports") and unregistered:
+                raise ValueError(f"{error}{_imports_hint(flat['imports'])}") from None
+            raise
+
+    @classmethod
+    def _from_flat(cls, flat: dict[str, Any]) -> "RunConfig":
+        """:meth:`from_flat` without the environment's imports (``compose_config`` imports its own first)."""
         keys = flat_keys()
         values: dict[Optional[str], dict[str, Any]] = {None: {}, **{name: {} for name in SECTIONS}}
         for key, value in flat.items():
@@ -194,17 +260,15 @@ class RunConfig:
                 continue
             if key not in keys:
                 raise ValueError(f"unknown key {key!r}{did_you_mean(key, sorted(keys))}; "
-                                 "valid keys are listed in README.md (or ldmole.cli.train --help)")
-            section, spec, hint = keys[key]
-            values[section][key] = _check_value(key, value, hint, spec.metadata)
+                                 "valid keys are listed in docs/config.md (or ldmole-train --help)")
+            section, _, _ = keys[key]
+            values[section][key] = value
         try:
             mole = MoLEConfig(**(flat.get("mole") or {}))
+            validate_mole_config(mole)  # the router's own checks, now rather than when the model is built
         except (ValueError, TypeError) as error:
             raise ValueError(f"invalid mole settings for method={flat.get('method')!r}: {error}") from None
         config = cls(**values[None], mole=mole, **{name: SECTIONS[name](**values[name]) for name in SECTIONS})
-        if config.logging.overwrite and config.logging.resume is not None:
-            raise ValueError(f"overwrite=true and resume={config.logging.resume!r} exclude each other (overwrite "
-                             "removes the run that resume would continue): drop one of them")
         if not config.backbone.model_source:
             raise ValueError(f"model_source is not set: configs/models/{config.model}.yaml (or model_source=...) "
                              "must name the base model")
@@ -220,15 +284,29 @@ class RunConfig:
         return flat
 
 
+@functools.lru_cache(maxsize=None)
+def _field_hints(cls: type) -> tuple[tuple[dataclasses.Field, Any], ...]:
+    """(field, type) of each plain field of a config class (not the nested sections)."""
+    hints = typing.get_type_hints(cls)
+    return tuple((spec, hints[spec.name]) for spec in dataclasses.fields(cls)
+                 if spec.name not in SECTIONS and spec.name != "mole")
+
+
+def _check_fields(section: Any) -> None:
+    """Checks every plain field of ``section`` against its type, choices and range (errors name the key),
+    and stores the value as its type (an int as a float where a float is declared, a bare YAML no/yes as the
+    string, a single string as a one-item list)."""
+    for spec, hint in _field_hints(type(section)):
+        value = getattr(section, spec.name)
+        if hint is list and isinstance(value, str):
+            value = [value]  # imports=my_routers.py means [my_routers.py]
+        setattr(section, spec.name, _check_value(spec.name, value, hint, spec.metadata))
+
+
 def flat_keys() -> dict[str, tuple[Optional[str], dataclasses.Field, Any]]:
     """Every flat key -> (its section, or None for the top level; its field; its type)."""
-    keys = {}
-    for section, cls in [(None, RunConfig), *SECTIONS.items()]:
-        hints = typing.get_type_hints(cls)
-        for spec in dataclasses.fields(cls):
-            if spec.name not in SECTIONS and spec.name != "mole":
-                keys[spec.name] = (section, spec, hints[spec.name])
-    return keys
+    return {spec.name: (section, spec, hint) for section, cls in [(None, RunConfig), *SECTIONS.items()]
+            for spec, hint in _field_hints(cls)}
 
 
 # Keys naming a file or folder: taken as written after ``key=`` (no YAML), a leading ``~`` expanded.
@@ -273,8 +351,9 @@ def _check_items(key: str, value: list, metadata: Mapping[str, Any]) -> None:
     for item in value:
         wrong_type = not isinstance(item, item_type) or (item_type is int and isinstance(item, bool))
         if wrong_type or not _in_range(item, metadata):
+            example = "[1, 2]" if item_type in (int, float) else "[a, b]"
             raise ValueError(f"{key}={value!r} must be a list of {allowed_range(metadata) or item_type.__name__}; "
-                             f"{item!r} is not (e.g. {key}=[1, 2])")
+                             f"{item!r} is not (e.g. {key}={example})")
 
 
 def _check_value(key: str, value: Any, hint: Any, metadata: Mapping[str, Any]) -> Any:
@@ -316,6 +395,24 @@ def _describe(spec: dataclasses.Field, hint: Any) -> str:
     return f"{spec.metadata['help']}; must be {text}{' or null' if typing.get_origin(hint) is Union else ''}"
 
 
+def format_value(value: Any) -> str:
+    """A value as it is written on the command line and in the YAML files: null, true/false, text as is,
+    a float in its shortest exact form (``1e-4``, ``-2.5``, ``0.0``), lists and mappings as JSON."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and math.isfinite(value):
+        text = repr(value)
+        mantissa, _, exponent = f"{value:e}".partition("e")
+        digits = len(mantissa.replace("-", "").replace(".", "").rstrip("0"))
+        short = f"{float(mantissa):.{max(digits - 1, 0)}f}e{int(exponent)}" if value else text
+        return short if len(short) < len(text) and float(short) == value else text
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
 def describe_keys() -> list[tuple[str, Any, str]]:
     """(key, default, help with the range) of every key, ``mole.<field>`` keys last (what ``--help`` prints)."""
     rows = []
@@ -326,6 +423,20 @@ def describe_keys() -> list[tuple[str, Any, str]]:
         default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
         rows.append((f"mole.{spec.name}", default, spec.metadata["help"]))
     return rows
+
+
+def _markdown_cell(text: str) -> str:
+    """Text for a Markdown table cell: ``|`` and ``<`` escaped (GitHub drops what looks like an HTML tag)."""
+    return text.replace("|", "\\|").replace("<", "\\<")
+
+
+def key_table_markdown() -> str:
+    """docs/config.md's key table, one row per key of :func:`describe_keys`: the key, its default as
+    :func:`format_value` writes it and the help text with its range (what ``ldmole-train --help`` prints)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, help_text in describe_keys():
+        lines.append(f"| `{key}` | `{format_value(default)}` | {_markdown_cell(help_text)} |")
+    return "\n".join(lines)
 
 
 def available(kind: str, config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -386,7 +497,7 @@ def _check_override_keys(overrides: dict[str, Any]) -> None:
                 raise ValueError(f"unknown key {key!r}{did_you_mean(sub, mole_fields)} (mole.* keys: {mole_fields})")
         elif key not in allowed:
             raise ValueError(f"unknown key {key!r}{did_you_mean(key, sorted(allowed))}; valid keys are listed in "
-                             "README.md (or ldmole.cli.train --help)")
+                             "docs/config.md (or ldmole-train --help)")
 
 
 def _selected(selector: str, overrides: dict[str, Any], names: Sequence[str]) -> str:
@@ -397,25 +508,127 @@ def _selected(selector: str, overrides: dict[str, Any], names: Sequence[str]) ->
     return name
 
 
+# .py files imported through ``imports``, by resolved path, so that each runs once per process.
+_IMPORTED_FILES: dict[Path, ModuleType] = {}
+
+
+def _find_file(entry: str) -> Path:
+    """The ``.py`` file an ``imports`` entry names: a relative path from the current folder, else from the
+    repository root (where run.sh and the sweep's runs start).
+
+    Raises:
+        ValueError: neither holds the file (naming both folders).
+    """
+    path = Path(os.path.expanduser(entry))
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, REPO_ROOT / path]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        folders = dict.fromkeys(str(c.parent) for c in candidates)
+        raise ValueError(f"imports: no file {entry!r} (looked in {' and '.join(folders)})")
+    return found.resolve()
+
+
+def _import_file(path: Path) -> ModuleType:
+    """The module of a ``.py`` file, imported once per process, under a name of its own (``ldmole_imports_``,
+    the file's stem and a hash of its path) so that two files of one name do not collide."""
+    if path not in _IMPORTED_FILES:
+        name = f"ldmole_imports_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        _IMPORTED_FILES[path] = module
+    return _IMPORTED_FILES[path]
+
+
+def import_modules(entries: Any) -> list[str]:
+    """Imports each entry of an ``imports`` setting, in order: a ``.py`` file (see :func:`_find_file`) or an
+    importable module name (``my_pkg.routers``). Returns the entries as given, as a list (a single string is
+    one entry; null none). Importing twice is a no-op.
+
+    Raises:
+        ValueError: an entry is not a non-empty string, or its module cannot be found or fails while
+            importing (naming the entry and the error).
+    """
+    entries = [entries] if isinstance(entries, str) else list(entries or [])
+    for entry in entries:
+        if not isinstance(entry, str) or not entry:
+            raise ValueError(f"imports={entries!r} must be a list of module names or .py files; {entry!r} is not")
+        path = _find_file(entry) if entry.endswith(".py") else None
+        try:
+            _import_file(path) if path else importlib.import_module(entry)
+        except ModuleNotFoundError as error:
+            if path is None and error.name and (entry + ".").startswith(error.name + "."):
+                raise ValueError(f"imports: no module {entry!r}: give its file instead (imports=path/to/"
+                                 f"{entry.rsplit('.', 1)[-1]}.py) or put its folder on PYTHONPATH") from None
+            raise ValueError(f"imports: importing {entry!r} failed: {type(error).__name__}: {error}") from error
+        except Exception as error:
+            raise ValueError(f"imports: importing {entry!r} failed: {type(error).__name__}: {error}") from error
+    return entries
+
+
+def import_env_modules() -> list[str]:
+    """Imports the modules named in ``LDMOLE_IMPORTS`` (entries separated by ``os.pathsep``, as ``PYTHONPATH``);
+    returns them.
+
+    Raises:
+        ValueError: as :func:`import_modules`, naming the variable.
+    """
+    entries = [entry for entry in os.environ.get(IMPORTS_ENV, "").split(os.pathsep) if entry.strip()]
+    try:
+        return import_modules(entries)
+    except ValueError as error:
+        raise ValueError(f"{error} (set in {IMPORTS_ENV})") from error
+
+
+def _imports_hint(imports: Any) -> str:
+    """For an error reading back a config composed with ``imports``: how to make its routers and tasks known."""
+    if not imports:
+        return ""
+    entries = [imports] if isinstance(imports, str) else list(imports)
+    return (f" (the run was composed with imports={entries}; reading its config back does not import them: "
+            f"{IMPORTS_ENV}={os.pathsep.join(map(str, entries))} does)")
+
+
+def _add_imports(imports: list[str], entries: Any, source: str) -> None:
+    """Imports ``entries`` (an ``imports`` setting read from ``source``) and appends the new ones to ``imports``."""
+    try:
+        entries = import_modules(entries)
+    except ValueError as error:
+        raise ValueError(f"{error} (set in {source})") from error
+    imports.extend(entry for entry in entries if entry not in imports)
+
+
 def compose_config(overrides: Sequence[str] | dict[str, Any] = (), config_dir: Path = CONFIG_DIR) -> RunConfig:
     """Defaults <- models/<model>.yaml <- methods/<method>.yaml <- overrides, as a validated ``RunConfig``.
 
-    ``mole`` keys merge key by key across the layers; ``task`` must be a registered task.
+    ``mole`` keys merge key by key across the layers; ``imports`` lists add up (model file, method file,
+    command line) and each is imported as soon as it is read, before ``task`` and ``mole`` are checked, so
+    they may name what the imported modules register (as may ``LDMOLE_IMPORTS``'s, imported first).
 
     Raises:
         ValueError: an unknown key, model, task or method (naming it and the closest valid one),
-            a bad value (naming the key), or an invalid MoLE setting.
+            a module of ``imports`` that cannot be imported, a bad value (naming the key), or an invalid
+            MoLE setting.
     """
     overrides = dict(overrides) if isinstance(overrides, dict) else parse_overrides(overrides)
     _check_override_keys(overrides)
-    flat: dict[str, Any] = {"task": _selected("task", overrides, list(TASKS)), "mole": {}}
+    import_env_modules()
+    flat: dict[str, Any] = {"mole": {}, "imports": []}
     for selector, kind in (("model", "models"), ("method", "methods")):
         name = _selected(selector, overrides, available(kind, config_dir))
         layer = _read_yaml(config_dir / kind / f"{name}.yaml")
         for key in layer:
             if key not in FILE_KEYS[kind]:
                 raise ValueError(f"{config_dir / kind / name}.yaml sets {key!r}, which a {kind[:-1]} file may not set")
+        _add_imports(flat["imports"], layer.pop("imports", None), f"{config_dir / kind / name}.yaml")
         flat.update(layer, mole={**flat["mole"], **(layer.get("mole") or {})}, **{selector: name})
+    _add_imports(flat["imports"], overrides.pop("imports", None), "the command line")
+    flat["task"] = _selected("task", overrides, list(TASKS))
     for key, value in overrides.items():
         top, _, sub = key.partition(".")
         if top == "mole" and sub:
@@ -424,4 +637,4 @@ def compose_config(overrides: Sequence[str] | dict[str, Any] = (), config_dir: P
             flat["mole"].update(value or {})
         else:
             flat[key] = value
-    return RunConfig.from_flat(flat)
+    return RunConfig._from_flat(flat)

@@ -270,7 +270,8 @@ def check_identity(checkpoint: Path, flat: dict[str, Any]) -> None:
         return
     diffs = describe_differences(differences(saved, current), "checkpoint", "this run")
     raise RunFolderError(f"resume: {checkpoint} belongs to another run ({diffs}); resume it with its own settings "
-                         "(only max_steps, num_epochs and the logging keys may change: README, Failure modes), or "
+                         "(only max_steps, num_epochs and the logging keys may change: docs/runs.md, Failure modes), "
+                         "or "
                          "start this run with overwrite=true or another output_dir")
 
 

@@ -7,7 +7,7 @@ main process), and loading a full state into a sharded model through
 ``torch.distributed.checkpoint.state_dict`` (also collective). On one process and under DDP every
 function here does exactly what the trainer did before: read or copy the parameters themselves.
 
-The state dicts of the prepared model are those of :class:`~ldmole.experiment.setup.SelectedLogits`,
+The state dicts of the prepared model are those of :class:`~ldmole.experiment.selected_logits.SelectedLogits`,
 whose base model is its ``model`` attribute: a MoLE parameter ``n`` of the base is ``model.n`` there.
 """
 
@@ -101,7 +101,8 @@ def load_mole_state(accelerator, wrapped: nn.Module, base: nn.Module,
         return
     if not _is_fsdp(accelerator):
         raise NotImplementedError("loading MoLE weights into a DeepSpeed ZeRO-3 model (resume, best-epoch restore) "
-                                  "is not implemented; train sharded with FSDP instead (README, 'Sharded training')")
+                                  "is not implemented; train sharded with FSDP instead "
+                                  "(docs/multi_gpu.md, 'Sharded training')")
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     reshard(wrapped)

@@ -1,9 +1,10 @@
 """The fine-tuning loop: data -> MoLE model -> AdamW steps with routing losses -> selection -> evaluation.
 
 Read top to bottom: :func:`train` is the whole run; :class:`Trainer` holds what the loop changes,
-its methods in the order a run uses them. ``accelerate`` handles devices, DDP, autocast and gradient
-accumulation; everything else is plain PyTorch. The data and model set-up are shared with the
-routing plots and the λ probe (``setup.py``).
+its methods in the order a run uses them, and :meth:`Trainer.optimizer_step` is one optimiser step on
+one screen (micro-batches, backward, clip, step, schedule). ``accelerate`` handles devices, DDP / FSDP,
+autocast and the gradient all-reduce; the gradient accumulation is written out here. The data and
+models come from :class:`~.run.Run`, as for ldmole-eval, the routing plots and the λ probe.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import math
 import re
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,20 +30,23 @@ from torch.utils.data import DataLoader
 
 from ..core import losses
 from ..core.adapter_io import atomic_write, load_mole, read_mole_weights, write_mole_files
-from ..core.injection import get_mole_model, mole_parameters
+from ..core.injection import mole_parameters
 from ..core.records import RoutingRecord, routing_records
 from ..core.routers import aux_losses_of
 from .adapter_info import AdapterInfo
 from .checkpointing import (STATE_NAME, CheckpointError, finalize_checkpoint, latest_checkpoint, load_plain,
                             new_checkpoint_tmp, prune_checkpoints, read_record, rng_state, set_rng_state)
+from .data.collation import train_collate
 from .data.features import IGNORE_INDEX
+from .evaluation import evaluate
 from .metrics import METRICS_NAME, RunMetrics
 from .pretrained import save_adapter
 from .routing_stats import RoutingStats
+from .run import RUN_SPLITS, Run
 from .run_config import OptimConfig, RunConfig
 from .run_folder import CONFIG_NAME, LOG_NAME, TRACKER_DIR, RunFolder, RunPlan
 from .run_identity import identity, identity_hash
-from .setup import RunData, SelectedLogits, build_base_model, eval_loader, evaluate, load_run_data, train_collate
+from .selected_logits import SelectedLogits
 from .sharding import (clip_parameters, gather_mole_state, is_sharded, load_mole_state, load_optimizer_state,
                        optimizer_state)
 
@@ -200,17 +206,27 @@ def broadcast_object(accelerator, value):
 
 
 def make_accelerator(config: RunConfig):
-    """An ``Accelerator`` for the run: gradient accumulation from the batch sizes, CPU (gloo) without CUDA."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.state import AcceleratorState
+    """An ``Accelerator`` for the run, CPU (gloo) without CUDA. Gradient accumulation is the trainer's own
+    (:meth:`Trainer.optimizer_step`), so accelerate's stays at 1: it neither divides losses nor skips steps.
 
-    cpu = not torch.cuda.is_available()
-    state = PartialState(cpu=cpu)
+    Raises:
+        ValueError: DeepSpeed with more than one micro-batch per step (its engine steps on every backward
+            unless accelerate drives the accumulation; naming the batch sizes that avoid it).
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
     AcceleratorState._reset_state()  # a second train() in one process may use another mixed precision
     report_to = None if config.logging.report_to == "none" else config.logging.report_to
-    return Accelerator(cpu=cpu, mixed_precision=config.optim.mixed_precision,
-                       gradient_accumulation_steps=_gradient_accumulation(config.optim, state.num_processes),
-                       log_with=report_to, project_dir=str(config.output_dir))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.optim.mixed_precision,
+                              log_with=report_to, project_dir=str(config.output_dir))
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and \
+            _gradient_accumulation(config.optim, accelerator.num_processes) > 1:
+        raise ValueError(f"DeepSpeed needs one micro-batch per optimiser step: set batch_size = per_device_batch_size "
+                         f"x {accelerator.num_processes} processes (now batch_size={config.optim.batch_size}, "
+                         f"per_device_batch_size={config.optim.per_device_batch_size}), or use FSDP")
+    return accelerator
 
 
 @dataclass
@@ -254,12 +270,13 @@ def train(config: RunConfig) -> RunMetrics:
             folder.acquire()
             plan = folder.plan(config)
         plan = broadcast_object(accelerator, plan)
-        data = load_run_data(config)
-        base = build_base_model(config, data.task.spec, data.encoder.tokenizer)
-        get_mole_model(base, config.mole)
+        run = Run(config)
+        for split in RUN_SPLITS:  # read and checked before the model loads
+            run.examples(split)
+        base = run.mole_model()
         if config.optim.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        trainer = Trainer(config, accelerator, data, base, routing_loss_terms(config, controller), controller)
+        trainer = Trainer(config, accelerator, run, base, routing_loss_terms(config, controller), controller)
         trainer.resume_or_start(folder, plan)
         trainer.fit()
         return trainer.finish(time.time() - started, plan.resume_from)
@@ -270,19 +287,17 @@ def train(config: RunConfig) -> RunMetrics:
 class Trainer:
     """The model, optimiser, loaders and :class:`TrainState` of one run, and the loop over them."""
 
-    def __init__(self, config: RunConfig, accelerator, data: RunData, base: nn.Module, terms: list[LossTerm],
+    def __init__(self, config: RunConfig, accelerator, run: Run, base: nn.Module, terms: list[LossTerm],
                  controller: Optional[losses.ReMoLEL1Controller]) -> None:
-        self.config, self.accelerator, self.data, self.base = config, accelerator, data, base
+        self.config, self.accelerator, self.run, self.base = config, accelerator, run, base
         self.terms, self.controller = terms, controller
         self.main = accelerator.is_main_process
         self.tracking = config.logging.report_to != "none"  # tensorboard / wandb through accelerate
         self.output_dir = Path(config.output_dir)
         self.log_path = self.output_dir / LOG_NAME
-        optim, encoder = config.optim, data.encoder
-        self.train_features = encoder(data.train_examples, truncate=config.data.truncate_long)
-        loaders = [eval_loader(encoder(examples, truncate=config.data.truncate_long), optim.eval_batch_size,
-                               encoder.pad_token_id, encoder.kind, config.seed)
-                   for examples in (data.selection_examples, data.eval_examples)]
+        optim = config.optim
+        self.train_features = run.features(run.examples("train"))
+        loaders = [run.loader(split) for split in ("selection", "evaluation")]
         wrapped = SelectedLogits(base)
         wrapped.train()
         self.trainable = list(mole_parameters(base).values())
@@ -293,9 +308,9 @@ class Trainer:
             wrapped, optimizer, *loaders)
         self.sharded = is_sharded(accelerator)
         self.clip_params = clip_parameters(accelerator, self.wrapped, self.trainable)
-        accumulation = accelerator.gradient_accumulation_steps
+        self.accumulation = _gradient_accumulation(optim, accelerator.num_processes)  # micro-batches per step
         micro_batches = math.ceil(len(self.train_features) / (optim.per_device_batch_size * accelerator.num_processes))
-        self.steps_per_epoch = math.ceil(micro_batches / accumulation)
+        self.steps_per_epoch = math.ceil(micro_batches / self.accumulation)
         self.total_steps = self.steps_per_epoch * optim.num_epochs
         if optim.max_steps:
             self.total_steps = min(self.total_steps, optim.max_steps)
@@ -313,12 +328,12 @@ class Trainer:
         self.base_revision = getattr(getattr(base, "config", None), "_commit_hash", None)  # hub commit, when known
 
     def epoch_loader(self, epoch: int) -> DataLoader:
-        """The training batches of ``epoch`` in its seeded order (own generator: see ``eval_loader``)."""
-        seed, encoder = self.config.seed, self.data.encoder
+        """The training batches of ``epoch`` in its seeded order (own generator: see ``Run.loader``)."""
+        seed, run = self.config.seed, self.run
         ordered = [self.train_features[i] for i in _epoch_order(len(self.train_features), seed, epoch)]
         return self.accelerator.prepare_data_loader(DataLoader(
             ordered, batch_size=self.config.optim.per_device_batch_size,
-            collate_fn=partial(train_collate, pad_token_id=encoder.pad_token_id, kind=encoder.kind),
+            collate_fn=partial(train_collate, pad_token_id=run.pad_token_id, task_kind=run.task.task_kind),
             generator=torch.Generator().manual_seed(seed + epoch)))
 
     def resume_or_start(self, folder: RunFolder, plan: RunPlan) -> None:
@@ -419,37 +434,47 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> None:
         """The optimiser steps of ``epoch`` from where the state says it is (mid-epoch after a resume)."""
-        accelerator, state, accumulation = self.accelerator, self.state, self.accelerator.gradient_accumulation_steps
-        save_every = self.config.logging.save_every
+        state, save_every = self.state, self.config.logging.save_every
         loader = self.epoch_loader(epoch)
-        micro_per_epoch = len(loader)  # per process; the last optimiser step of an epoch may get fewer than `accumulation`
+        micro_per_epoch = len(loader)  # per process
         if state.batches_done:
-            loader = accelerator.skip_first_batches(loader, state.batches_done)
-        for batch in loader:
-            # accelerate divides by `accumulation`; a short last step of the epoch is rescaled so that
-            # its gradient is the mean over the micro-batches it has, like every full step.
-            step_start = state.batches_done - state.batches_done % accumulation
-            in_step = min(accumulation, micro_per_epoch - step_start)
-            with accelerator.accumulate(self.wrapped):
-                self.micro_step(batch, loss_scale=accumulation / in_step)
-            state.batches_done += 1
-            if not accelerator.sync_gradients:
-                continue
+            loader = self.accelerator.skip_first_batches(loader, state.batches_done)
+        batches = iter(loader)
+        while state.batches_done < micro_per_epoch and state.step < self.total_steps:
+            # `accumulation` micro-batches per step; the last step of an epoch may get fewer.
+            count = min(self.accumulation, micro_per_epoch - state.batches_done)
+            self.optimizer_step(islice(batches, count), count)
+            state.batches_done += count
             state.step += 1
             self.progress.update(1)
             if self.config.logging.debug_nonfinite:
                 self.check_finite()
             if state.step % self.config.logging.log_every == 0 or state.step == self.total_steps:
                 self.log_step(epoch)
-            if state.step >= self.total_steps:
-                break
             # The epoch's last step is saved once, by end_epoch, with the epoch's selection result.
-            if save_every and state.step % save_every == 0 and state.batches_done < micro_per_epoch:
+            if save_every and state.step % save_every == 0 and state.step < self.total_steps and \
+                    state.batches_done < micro_per_epoch:
                 self.save_checkpoint()
 
-    def micro_step(self, batch: dict, loss_scale: float) -> None:
-        """Forward, loss terms, backward of one micro-batch; the optimiser steps when accelerate syncs."""
-        accelerator = self.accelerator
+    def optimizer_step(self, micro_batches: Iterable[dict], count: int) -> None:
+        """One optimiser step over ``count`` micro-batches: each one's loss backward, scaled by 1/count so
+        that the gradient is their mean, with the gradient all-reduce only after the last; then clip, step,
+        zero the gradients, advance the lr schedule and ReMoLE's L1 controller."""
+        accelerator, model = self.accelerator, self.wrapped
+        for index, batch in enumerate(micro_batches):
+            with nullcontext() if index == count - 1 else accelerator.no_sync(model):
+                accelerator.backward(self.micro_batch_loss(batch) / count)
+        accelerator.clip_grad_norm_(self.clip_params, self.config.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_lr = self.scheduler.get_last_lr()[0]  # the lr this optimiser step used (logged)
+        self.scheduler.step()
+        if self.controller is not None:
+            self.controller.update(reduce=lambda gap: accelerator.reduce(gap, "mean"))
+
+    def micro_batch_loss(self, batch: dict) -> torch.Tensor:
+        """The summed loss terms of one micro-batch (forward, task loss, routing losses); each term is
+        added to the running sums that the next log line averages, and a non-finite one flagged."""
         logits = self.wrapped(batch["input_ids"], batch["attention_mask"], batch["positions"])
         records = routing_records(self.base)
         values = {"task": task_loss(logits, batch["targets"], self.config.optim.label_smoothing)}
@@ -460,19 +485,10 @@ class Trainer:
                 nonfinite = ~torch.isfinite(values[name].detach())
                 self.first_bad[i] = torch.where(nonfinite & (self.first_bad[i] < 0), self.state.step + 1,
                                                 self.first_bad[i])
-        accelerator.backward(sum(values.values()) * loss_scale)
         for name, value in values.items():
             self.running[name] = self.running.get(name, 0.0) + value.detach()
         self.running_micro += 1
-        if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(self.clip_params, self.config.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if accelerator.sync_gradients:
-            self.step_lr = self.scheduler.get_last_lr()[0]  # the lr this optimiser step used (logged)
-            self.scheduler.step()
-            if self.controller is not None:
-                self.controller.update(reduce=lambda gap: accelerator.reduce(gap, "mean"))
+        return sum(values.values())
 
     def log_step(self, epoch: int) -> None:
         """One log.jsonl line: the step's lr and each loss term's mean since the previous line."""
@@ -494,9 +510,8 @@ class Trainer:
         """Selection accuracy, the best epoch's parameters, epoch adapters, and a checkpoint."""
         self.check_finite()
         state, accelerator = self.state, self.accelerator
-        selection = evaluate(self.eval_model(), self.selection_loader, self.data.encoder.kind,
-                             self.config.task, self.data.selection_examples, autocast=accelerator.autocast,
-                             gather=accelerator.gather_for_metrics)
+        selection = evaluate(self.eval_model(), self.selection_loader, self.run.task, self.run.examples("selection"),
+                             autocast=accelerator.autocast, gather=accelerator.gather_for_metrics)
         state.history.append({"epoch": epoch, "step": state.step, "selection_accuracy": selection["accuracy"]})
         if self.main:
             with open(self.log_path, "a") as handle:
@@ -525,25 +540,25 @@ class Trainer:
                      weights: Optional[dict[str, torch.Tensor]] = None) -> None:
         """The adapter with its base-model record and model card (``ldmole.from_pretrained`` loads it);
         ``weights``: the full MoLE weights (from :func:`gather_mole_state`) to write."""
-        info = AdapterInfo.from_run(self.config, self.data.task.spec, self.base)
+        info = AdapterInfo.from_run(self.config, self.run.task, self.base)
         save_adapter(self.base, directory, info, metrics.to_dict() if metrics is not None else None, state_dict=weights,
-                     tokenizer=self.data.encoder.tokenizer)
+                     tokenizer=self.run.tokenizer)
 
     def finish(self, elapsed_s: float, resumed_from: Optional[Path]) -> RunMetrics:
         """Loads the best epoch, scores the evaluation split with routing statistics, writes the outputs."""
         config, state, accelerator = self.config, self.state, self.accelerator
         load_mole_state(accelerator, self.wrapped, self.base, state.best_state)
         stats = RoutingStats()
-        final = evaluate(self.eval_model(), self.eval_loader, self.data.encoder.kind, config.task,
-                         self.data.eval_examples, autocast=accelerator.autocast, gather=accelerator.gather_for_metrics,
+        run = self.run
+        final = evaluate(self.eval_model(), self.eval_loader, run.task, run.examples("evaluation"),
+                         autocast=accelerator.autocast, gather=accelerator.gather_for_metrics,
                          observe=lambda batch: stats.update(routing_records(self.base)))
-        task = self.data.task
         metrics = RunMetrics(
             **{k: v for k, v in final.items() if k != "num_examples"},
-            num_eval_examples=final["num_examples"], num_train_examples=len(self.data.train_examples),
-            eval_split="validation" if config.data.protocol == "reference" else task.spec.eval_split,
+            num_eval_examples=final["num_examples"], num_train_examples=len(run.examples("train")),
+            eval_split="validation" if config.data.protocol == "reference" else run.task.eval_split,
             protocol=config.data.protocol, best_epoch=state.best_epoch, best_selection_accuracy=state.best_accuracy,
-            history=state.history, steps=state.step, skipped_rows=task.skipped,
+            history=state.history, steps=state.step, skipped_rows=run.task_data().skipped,
             routing=stats.summary(reduce=lambda t: accelerator.reduce(t, "sum")),
             model=config.model, task=config.task, method=config.method, seed=config.seed,
             resumed_from=str(resumed_from) if resumed_from else None, wall_time_s=round(elapsed_s, 1),

@@ -5,7 +5,7 @@ Importing this package registers the built-in routers; code outside it adds one 
 """
 
 from .base import AUX_LOSSES, Router
-from .registry import LORA, aux_losses_of, get_router, register_router, router_names
+from .registry import LORA, aux_losses_of, get_router, register_router, router_names, validate_mole_config
 
 # Imported in the order error messages and benchmarks list them (registration order).
 from .sparsegen import SparsegenRouter
@@ -21,6 +21,6 @@ BUILTIN_ROUTERS: tuple[str, ...] = tuple(
 
 __all__ = [
     "Router", "AUX_LOSSES", "LORA", "BUILTIN_ROUTERS", "register_router", "get_router", "router_names",
-    "aux_losses_of", "topk_weights", "SparsegenRouter", "SparsegenFixedRouter", "TopKRouter", "ReLURouter",
-    "SoftmaxRouter",
+    "aux_losses_of", "validate_mole_config", "topk_weights", "SparsegenRouter", "SparsegenFixedRouter",
+    "TopKRouter", "ReLURouter", "SoftmaxRouter",
 ]

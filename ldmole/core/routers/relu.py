@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..config import MoLEConfig
 from .base import Router, check_top_k_fits
 from .registry import register_router
-
-if TYPE_CHECKING:
-    from ..config import MoLEConfig
 
 __all__ = ["ReLURouter"]
 
@@ -26,7 +24,7 @@ class ReLURouter(Router):
     aux_losses = frozenset({"lb", "z", "l1"})
 
     @classmethod
-    def validate(cls, config: "MoLEConfig", counts: Sequence[int]) -> None:
+    def validate(cls, config: MoLEConfig, counts: Sequence[int]) -> None:
         check_top_k_fits(config, counts)
 
     @classmethod

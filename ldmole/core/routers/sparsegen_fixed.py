@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..config import MoLEConfig
 from .base import Router
 from .registry import register_router
 from .sparsegen import SparsegenRouter
-
-if TYPE_CHECKING:
-    from ..config import MoLEConfig
 
 __all__ = ["SparsegenFixedRouter"]
 
@@ -23,16 +21,17 @@ class SparsegenFixedRouter(Router):
 
     name = "sparsegen_fixed"
 
-    def __init__(self, in_features: int, num_experts: int, config: "MoLEConfig",
+    def __init__(self, in_features: int, num_experts: int, config: MoLEConfig,
                  lambda_mlp: Optional[nn.Module] = None, device: Optional[torch.device] = None) -> None:
         super().__init__(in_features, num_experts, config, lambda_mlp, device)
         self.fixed_lambda = float(config.fixed_lambda)
 
     @classmethod
-    def validate(cls, config: "MoLEConfig", counts: Sequence[int]) -> None:
+    def validate(cls, config: MoLEConfig, counts: Sequence[int]) -> None:
         if config.fixed_lambda is None or not float(config.fixed_lambda) < 1.0:
             raise ValueError(
-                f"fixed_lambda={config.fixed_lambda!r}: router=sparsegen_fixed needs fixed_lambda < 1 (e.g. 0.5)"
+                f"MoLEConfig.fixed_lambda={config.fixed_lambda!r}: router='sparsegen_fixed' needs fixed_lambda < 1 "
+                "(e.g. 0.5)"
             )
 
     route_scores = classmethod(SparsegenRouter.route_scores.__func__)  # the same projection; only λ differs

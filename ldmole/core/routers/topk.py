@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
+from ..config import MoLEConfig
 from .base import Router, check_top_k_fits
 from .registry import register_router
-
-if TYPE_CHECKING:
-    from ..config import MoLEConfig
 
 __all__ = ["TopKRouter", "topk_weights"]
 
@@ -31,7 +29,7 @@ class TopKRouter(Router):
     selects_from_softmax = True
 
     @classmethod
-    def validate(cls, config: "MoLEConfig", counts: Sequence[int]) -> None:
+    def validate(cls, config: MoLEConfig, counts: Sequence[int]) -> None:
         check_top_k_fits(config, counts)
 
     @classmethod

@@ -1,4 +1,6 @@
-"""Examples -> token ids (prompt, supervised answer, option-letter candidates) and padded batches.
+"""Examples -> token features: the prompt, supervised answer and option-letter candidates of a QA
+example, the sentences of a classification example, and the `FeatureEncoder` that applies a task
+kind's encoding to a run's examples (padding them into batches: ``collation.py``).
 
 A QA sequence is ``[tokenizer's own leading specials] + prefix + prompt + suffix + letter +
 answer_end`` (the prompt trimmed for chat formats, see `ChatFormat.user_text`). Each piece is
@@ -16,10 +18,9 @@ no start token.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Literal, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .chat import ChatFormat
 from .examples import Example, labelled_sentences
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IGNORE_INDEX", "letter_token_ids", "encode_qa", "encode_classification", "encode_prompt", "end_token_id",
-    "collate", "pad_token_id_for",
+    "pad_token_id_for", "FeatureEncoder",
 ]
 
 IGNORE_INDEX = -100
@@ -145,7 +146,8 @@ def encode_qa(
     tail = _ids(tokenizer, chat_format.suffix)
     answer_ids = [options[example.options[example.answer]][0], end_token_id(tokenizer, chat_format)]
     body = _fit_body(
-        example.uid, _ids(tokenizer, chat_format.user_text(example.prompt)), len(head) + len(tail) + len(answer_ids), max_length, truncate
+        example.uid, _ids(tokenizer, chat_format.user_text(example.prompt)), len(head) + len(tail) + len(answer_ids),
+        max_length, truncate
     )
     prompt_ids = head + body + tail
     return {
@@ -207,59 +209,26 @@ def pad_token_id_for(tokenizer: "PreTrainedTokenizerBase") -> int:
     return pad_id
 
 
-def collate(
-    batch: Sequence[dict[str, Any]], pad_token_id: int, padding_side: Literal["right", "left"] = "right"
-) -> dict[str, Any]:
-    """Pad a list of `encode_qa` or `encode_classification` outputs into tensors.
+@dataclass
+class FeatureEncoder:
+    """Turns a task's examples into token features with its task kind's ``encode`` (``encode_qa`` or
+    ``encode_classification``), each tagged with its index among them (``example_index``, which maps
+    gathered predictions back to the examples)."""
 
-    Always: ``input_ids``, ``attention_mask`` [B, T], ``sequence_lengths`` [B], ``uid`` (list).
-    QA adds ``labels`` [B, T] (-100 on padding), ``last_prompt_index`` [B] (the position whose
-    logits score the options, padding included), ``answer`` [B], ``option_token_ids``
-    [B, max_options, max_variants] (-1 fill), ``option_mask`` [B, max_options] (bool) and
-    ``category`` (list). Classification adds ``label`` [B] and ``last_token_index`` [B].
-    """
-    if not batch:
-        raise ValueError("collate got an empty batch")
-    if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side={padding_side!r}; use 'right' or 'left'")
-    lengths = [len(features["input_ids"]) for features in batch]
-    width = max(lengths)
-    offsets = [width - length if padding_side == "left" else 0 for length in lengths]
+    encode: Callable[..., dict[str, Any]]
+    tokenizer: Any
+    chat_format: ChatFormat
+    max_length: int
 
-    def pad(values: list[int], fill: int) -> list[int]:
-        padding = [fill] * (width - len(values))
-        return padding + values if padding_side == "left" else values + padding
+    def __call__(self, examples: Sequence[Example], truncate: bool) -> list[dict[str, Any]]:
+        features = []
+        for index, example in enumerate(examples):
+            item = self.encode(example, self.tokenizer, self.chat_format, self.max_length, truncate=truncate)
+            item["example_index"] = index
+            features.append(item)
+        return features
 
-    out: dict[str, Any] = {
-        "input_ids": torch.tensor([pad(f["input_ids"], pad_token_id) for f in batch], dtype=torch.long),
-        "attention_mask": torch.tensor([pad([1] * n, 0) for n in lengths], dtype=torch.long),
-        "sequence_lengths": torch.tensor(lengths, dtype=torch.long),
-        "uid": [f.get("uid") for f in batch],
-    }
-    if "labels" in batch[0]:
-        out["labels"] = torch.tensor([pad(f["labels"], IGNORE_INDEX) for f in batch], dtype=torch.long)
-        out["last_prompt_index"] = torch.tensor(
-            [offset + f["prompt_length"] - 1 for offset, f in zip(offsets, batch)], dtype=torch.long
-        )
-        out["answer"] = torch.tensor([f["answer"] for f in batch], dtype=torch.long)
-        out["option_token_ids"], out["option_mask"] = _option_tensor([f["option_token_ids"] for f in batch])
-        out["category"] = [f.get("category") for f in batch]
-    else:
-        out["label"] = torch.tensor([f["label"] for f in batch], dtype=torch.long)
-        out["last_token_index"] = torch.tensor(
-            [offset + n - 1 for offset, n in zip(offsets, lengths)], dtype=torch.long
-        )
-    return out
-
-
-def _option_tensor(options: list[list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, max_options, max_variants] candidate ids (-1 fill) and the [B, max_options] option mask."""
-    max_options = max(len(per_example) for per_example in options)
-    max_variants = max(len(ids) for per_example in options for ids in per_example)
-    ids = torch.full((len(options), max_options, max_variants), -1, dtype=torch.long)
-    mask = torch.zeros((len(options), max_options), dtype=torch.bool)
-    for row, per_example in enumerate(options):
-        for column, variants in enumerate(per_example):
-            ids[row, column, : len(variants)] = torch.tensor(variants, dtype=torch.long)
-            mask[row, column] = True
-    return ids, mask
+    @property
+    def pad_token_id(self) -> int:
+        """The id batches are padded with (`pad_token_id_for`)."""
+        return pad_token_id_for(self.tokenizer)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
-from .tasks import TaskSpec, get_task
+if TYPE_CHECKING:
+    from .tasks import TaskSpec
 
 __all__ = ["SourceRow", "load_split_rows", "LOCAL_SUFFIXES"]
 
@@ -32,19 +33,22 @@ class SourceRow(dict):
         return f"{self.source} {self.unit} {self.number}"
 
 
-def load_split_rows(
-    task: Union[str, TaskSpec], split: str, data_dir: Union[str, Path, None] = None
-) -> list[SourceRow]:
+def load_split_rows(spec: "TaskSpec", split: str, data_dir: Union[str, Path, None] = None) -> list[SourceRow]:
     """All rows of one split: from ``data_dir/<local_dir>/<split>.{jsonl,json,parquet}``, or from
     the hub (``datasets.load_dataset(hub_path, hub_config, split=split)``) when ``data_dir`` is None.
+
+    Raises:
+        ValueError: ``data_dir`` is None for a task with no ``hub_path`` (local data only).
     """
-    spec = task if isinstance(task, TaskSpec) else get_task(task)
+    if data_dir is None and spec.hub_path is None:
+        raise ValueError(f"task {spec.name!r} has no hub_path (its data is local only); pass data_dir= pointing at "
+                         f"a folder holding {spec.local_dir}/{split}.jsonl")
     if data_dir is None:
         return _hub_rows(spec, split)
     return _local_rows(spec, split, Path(data_dir))
 
 
-def _local_rows(spec: TaskSpec, split: str, data_dir: Path) -> list[SourceRow]:
+def _local_rows(spec: "TaskSpec", split: str, data_dir: Path) -> list[SourceRow]:
     """Rows of the first local file found for ``split``, with an actionable error when none is."""
     folder = data_dir / spec.local_dir
     fix = f"put {split}.jsonl there or drop data_dir= to load from the hub"
@@ -103,7 +107,7 @@ def _as_row(item: Any, source: str, unit: str, number: int) -> SourceRow:
     return SourceRow(item, source, unit, number)
 
 
-def _hub_rows(spec: TaskSpec, split: str) -> list[SourceRow]:
+def _hub_rows(spec: "TaskSpec", split: str) -> list[SourceRow]:
     """Rows of one hub split; any failure becomes an error that points at ``data_dir=``."""
     name = spec.hub_path if spec.hub_config is None else f"{spec.hub_path} ({spec.hub_config})"
     try:
@@ -123,7 +127,7 @@ SCRIPT_REFUSAL = "Dataset scripts are no longer supported"
 PARQUET_REVISION = "refs/convert/parquet"
 
 
-def _load_hub_split(spec: TaskSpec, split: str):
+def _load_hub_split(spec: "TaskSpec", split: str):
     """``datasets.load_dataset`` of one split. datasets 4+ refuses repositories that still carry a
     loading script (SWAG's does); those fall back to the hub's automatic Parquet conversion."""
     import datasets

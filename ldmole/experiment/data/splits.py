@@ -83,7 +83,7 @@ def default_selection_size(train_count: int) -> int:
 
 
 def load_task(
-    task_name: str,
+    task: Union[str, TaskSpec],
     data_dir: Union[str, Path, None] = None,
     *,
     protocol: str = "selection",
@@ -92,7 +92,8 @@ def load_task(
     skip_bad_rows: bool = False,
     eval_only: bool = False,
 ) -> TaskData:
-    """Load a task's examples under ``protocol`` ("selection" or "reference", see the module doc).
+    """Load a task's examples (``task``: a registered name or a spec) under ``protocol`` ("selection" or
+    "reference", see the module doc).
 
     ``data_dir`` holds ``<local_dir>/<split>.jsonl`` files; None loads from the hub.
     ``selection_size`` (protocol "selection"; default min(500, 10% of train)) and ``seed`` set the
@@ -100,9 +101,10 @@ def load_task(
     ``selection_size``. ``eval_only`` loads only what needs no training data (train, and under
     "selection" the selection split, stay empty): for tasks whose train split is not available.
     """
-    spec = get_task(task_name)
+    spec = get_task(task) if isinstance(task, str) else task
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}{did_you_mean(protocol, PROTOCOLS)}; valid protocols: {', '.join(PROTOCOLS)}")
+        raise ValueError(f"unknown protocol {protocol!r}{did_you_mean(protocol, PROTOCOLS)}; "
+                         f"valid protocols: {', '.join(PROTOCOLS)}")
     if spec.carved_from_one_split and selection_size is not None:
         raise ValueError(
             f"task {spec.name!r} selects on its fixed 10% validation carve; drop selection_size={selection_size}"
