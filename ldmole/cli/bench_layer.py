@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA dropout of every adapter, train mode (default 0.1)")
     p.add_argument("--lambda-hidden", type=int, default=d.lambda_hidden,
                    help="hidden width of the λ-MLP (default 256)")
-    p.add_argument("--fixed-lambda", type=float, default=d.fixed_lambda, help="λ of sparsegen_fixed (default 0.5)")
+    p.add_argument("--fixed-lambda", type=float, default=d.fixed_lambda, help="λ of sparsegen_fixed (default: the reference release's untrained constant, -1.589)")
     p.add_argument("--top-k", type=int, default=d.top_k, help="k of the topk router (default 2)")
     p.add_argument("--loss", choices=("grad", "square"), default=d.loss,
                    help="grad: backward of sum(out * g), fixed random g (default); square: out.float().pow(2).mean()")

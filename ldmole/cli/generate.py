@@ -28,6 +28,7 @@ from ldmole.experiment.adapter_info import AdapterInfo
 from ldmole.experiment.data.task_kinds import task_kind_for_model
 from ldmole.experiment.generation import format_trace_line, generate_with_trace
 from ldmole.experiment.pretrained import adapter_folder, from_pretrained, load_adapter_tokenizer
+from ldmole.experiment.run_config import import_env_modules
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -46,6 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        import_env_modules()  # routers an adapter was trained with that a user module registers
         folder = adapter_folder(args.path)
         info = AdapterInfo.read(folder)
         if task_kind_for_model(info.model_kind).label_head:

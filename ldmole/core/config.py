@@ -100,7 +100,9 @@ class MoLEConfig:
                   "reference release), per module type (module), or per decoder layer and width (layer)."},
     )
     fixed_lambda: Union[float, None] = field(
-        default=None, metadata={"help": "λ for router=sparsegen_fixed (required there, must be < 1)."}
+        default=None,
+        metadata={"help": "λ for router=sparsegen_fixed (must be < 1); null: the reference release's untrained "
+                  "constant logsigmoid(lambda_bias_init) + 1 - lambda_eps (-1.589 at the defaults)."},
     )
     lambda_eps: float = field(
         default=0.01, metadata={"help": "λ = logsigmoid(MLP(x)) + 1 - lambda_eps, so λ < 1 - lambda_eps."}

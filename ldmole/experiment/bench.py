@@ -123,7 +123,7 @@ class BenchSettings:
     alpha: float = 16.0
     dropout: float = 0.1
     lambda_hidden: int = 256
-    fixed_lambda: float = 0.5
+    fixed_lambda: Optional[float] = None  # None: the reference release's untrained constant (-1.589)
     top_k: int = 2
     loss: str = "grad"
     seed: int = 0
@@ -495,7 +495,9 @@ def _log_setting(env: dict, settings: BenchSettings, dtype: torch.dtype, log: Ca
     log(f"x [1, {settings.tokens}, d_in] requires_grad; E = {settings.experts}, r = {settings.rank}, "
         f"alpha = {settings.alpha:g}, LoRA rank E·r = {settings.experts * settings.rank}; "
         f"dropout {settings.dropout:g} (train mode, every adapter); "
-        f"λ-MLP hidden {settings.lambda_hidden}; fixed λ {settings.fixed_lambda:g}; top-k {settings.top_k}; "
+        f"λ-MLP hidden {settings.lambda_hidden}; fixed λ "
+        f"{'released constant' if settings.fixed_lambda is None else format(settings.fixed_lambda, 'g')}; "
+        f"top-k {settings.top_k}; "
         f"loss {'sum(out * g)' if settings.loss == 'grad' else 'out.float().pow(2).mean()'}; "
         f"median of {settings.iters} interleaved rounds after {settings.warmup} warm-up")
     log("peak MB: " + ("torch.cuda.max_memory_allocated delta over one step" if env["device"].startswith("cuda") else

@@ -49,7 +49,7 @@ TASKS = [task for task, _ in TASK_COLUMNS]
 METHOD_LABELS: dict[str, str] = {
     "mola_8888": "MoLA 8888", "mola_2468": "MoLA 2468", "remole": "ReMoLE", "ldmole": "LD-MoLE",
     "ldmole_sparse_k2": "LD-MoLE + sparsity (k=2)", "ldmole_reference": "LD-MoLE (reference init)",
-    "softmax": "MoLE (softmax)",
+    "ldmole_released": "LD-MoLE (release before 2026-02-25: fixed λ)", "softmax": "MoLE (softmax)",
     "sparsegen_fixed": "Sparsegen (fixed λ)", "lora": "LoRA",
 }
 
