@@ -41,7 +41,7 @@ Memory (one extra step per variant, after timing, gradients None beforehand):
 
 This module only measures. That ``MoLELinear`` computes the same adapter outputs and gradients as
 the dense-einsum formulation (and, for router lora, as PEFT) is checked by the tests
-(tests/test_dense_reference.py), for every router.
+(tests/unit/test_dense_reference.py), for every router.
 
 The goal ratios on 2048x6144 (:func:`compute_goals`): ldmole vs dense-einsum speed-up >= 3x, ldmole
 time / PEFT LoRA time <= 1.5x, for sparsegen and softmax, with the adapter-only ratios (time minus
