@@ -77,7 +77,29 @@ def test_generate_prints_text_and_a_per_token_trace(arc_e_run, tmp_path, capsys)
     assert status == 0
     saved = json.loads(trace_path.read_text())
     assert saved["chat_format"] == "qwen3" and 1 <= len(saved["tokens"]) <= 4
-    for entry in saved["tokens"]:
+    # Recompute the trace apart from generate: one forward without the KV cache over the prompt and the
+    # generated tokens; the routing at the position that predicted token t is that token's trace entry.
+    import torch
+
+    from ldmole.core.records import routing_records
+    from ldmole.experiment.data import get_chat_format
+    from ldmole.experiment.data.features import encode_prompt
+    from ldmole.experiment.pretrained import from_pretrained, load_adapter_tokenizer
+
+    model = from_pretrained(arc_e_run / "adapter")
+    prompt = encode_prompt("Which is hot?", load_adapter_tokenizer(arc_e_run / "adapter"), get_chat_format("qwen3"))
+    generated = [entry["token_id"] for entry in saved["tokens"]]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + generated])).logits[0]
+    records = routing_records(model)
+    for t, entry in enumerate(saved["tokens"]):
+        position = len(prompt) + t - 1
+        assert int(logits[position].argmax()) == entry["token_id"], "the trace's tokens are the greedy ones"
         assert set(entry["layers"]) == {"0", "1", "2", "3"}
-        assert all(1.0 <= v["active_experts"] <= 8.0 and "lambda_mean" in v for v in entry["layers"].values())
+        for layer, traced in entry["layers"].items():
+            mine = [r for r in records if r.layer_index == int(layer)]
+            active = sum(int((r.weights[0, position] > 0).sum()) for r in mine) / len(mine)
+            lam = sum(float(r.lam[0, position]) for r in mine) / len(mine)
+            assert traced["active_experts"] == pytest.approx(active, abs=1e-9), f"token {t}, layer {layer}"
+            assert traced["lambda_mean"] == pytest.approx(lam, abs=1e-4), f"token {t}, layer {layer}"
     assert "then λ per layer" in printed and printed.count("active/layer") == len(saved["tokens"])
