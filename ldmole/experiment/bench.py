@@ -201,11 +201,12 @@ def _nonzero_b(layer: nn.Module) -> None:
             nn.init.kaiming_uniform_(layer.lora_B[e], a=math.sqrt(5))
 
 
-def make_mole(base: nn.Linear, router: str, settings: BenchSettings) -> MoLELinear:
-    """``MoLELinear`` for ``router`` with its own λ-MLP (sparsegen); B non-zero, as after some training."""
+def make_mole(base: nn.Linear, router: str, settings: BenchSettings, layer_class: type = MoLELinear) -> nn.Module:
+    """``layer_class`` (``MoLELinear`` or ``DenseEinsumMoLE``) for ``router`` with its own λ-MLP (sparsegen);
+    B non-zero, as after some training."""
     lambda_mlp = make_lambda_mlp(base.in_features, settings, base.weight.device) if _learned_lambda(router) else None
     config = mole_config(router, settings)
-    layer = MoLELinear(base, config, num_experts=config.num_experts, lambda_mlp=lambda_mlp)
+    layer = layer_class(base, config, num_experts=config.num_experts, lambda_mlp=lambda_mlp)
     _nonzero_b(layer)
     base.weight.requires_grad_(False)
     return layer
@@ -219,11 +220,7 @@ def build_ldmole(base: nn.Linear, router: str, settings: BenchSettings) -> Varia
 
 def build_dense(base: nn.Linear, router: str, settings: BenchSettings) -> Variant:
     """The ``dense-einsum <router>`` variant: :class:`DenseEinsumMoLE` with its own router and λ-MLP."""
-    lambda_mlp = make_lambda_mlp(base.in_features, settings, base.weight.device) if _learned_lambda(router) else None
-    config = mole_config(router, settings)
-    layer = DenseEinsumMoLE(base, config, num_experts=config.num_experts, lambda_mlp=lambda_mlp)
-    _nonzero_b(layer)
-    base.weight.requires_grad_(False)
+    layer = make_mole(base, router, settings, layer_class=DenseEinsumMoLE)
     return Variant(dense_name(router), "dense-einsum", router, layer, _trainable(layer, layer.lambda_mlp))
 
 

@@ -72,8 +72,15 @@ def setting(default: Any, help: str, choices: Sequence[str] = (), *, minimum: Op
     return field(default=default, metadata=metadata)
 
 
+class CheckedSection:
+    """A config section whose fields are checked (type, choices, range) when it is built, in code or from keys."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
 @dataclass
-class BackboneConfig:
+class BackboneConfig(CheckedSection):
     """The base model and how text becomes its tokens (model files set these)."""
 
     model_source: Optional[str] = setting(None, "hub id, local directory, offline:smollm2_135m or random:<family> "
@@ -85,12 +92,9 @@ class BackboneConfig:
                                TORCH_DTYPES)
     random_init: dict = setting({}, "shape of a random:<family> model (hidden_size, num_hidden_layers, ...)")
 
-    def __post_init__(self) -> None:
-        _check_fields(self)
-
 
 @dataclass
-class DataConfig:
+class DataConfig(CheckedSection):
     """Where the task data comes from and how much of it a run uses."""
 
     data_dir: Optional[str] = setting(None, "local data root (DIR/<name>/<split>.jsonl); null = Hugging Face hub",
@@ -107,12 +111,9 @@ class DataConfig:
     skip_bad_rows: bool = setting(False, "skip malformed data rows (counted in metrics.json) instead of failing")
     truncate_long: bool = setting(False, "left-truncate prompts longer than max_length instead of failing")
 
-    def __post_init__(self) -> None:
-        _check_fields(self)
-
 
 @dataclass
-class OptimConfig:
+class OptimConfig(CheckedSection):
     """Optimisation (docs/method.md §4): AdamW, batch arithmetic, lr schedule, precision."""
 
     num_epochs: int = setting(10, "training epochs", minimum=1)
@@ -137,12 +138,9 @@ class OptimConfig:
                                          "router stays float32", MIXED_PRECISIONS)
     gradient_checkpointing: bool = setting(False, "non-reentrant activation checkpointing")
 
-    def __post_init__(self) -> None:
-        _check_fields(self)
-
 
 @dataclass
-class LossConfig:
+class LossConfig(CheckedSection):
     """Routing loss terms added to the task loss (method files set them)."""
 
     lb_coef: float = setting(1.0, "load-balance loss coefficient; 0 = off", minimum=0)
@@ -158,12 +156,9 @@ class LossConfig:
     remole_l1: str = setting("balanced", "ReMoLE's L1: balanced (ReMoE's load-balanced L1) or plain "
                                          "(mean over tokens of sum_e p_e)", REMOLE_L1_FORMS)
 
-    def __post_init__(self) -> None:
-        _check_fields(self)
-
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(CheckedSection):
     """Logs, saved adapters, checkpoints and failure diagnosis."""
 
     log_every: int = setting(10, "optimiser steps per log.jsonl line", minimum=1)
@@ -182,7 +177,7 @@ class LoggingConfig:
                                            "NaN/inf (slow)")
 
     def __post_init__(self) -> None:
-        _check_fields(self)
+        super().__post_init__()
         if self.overwrite and self.resume is not None:
             raise ValueError(f"overwrite=true and resume={self.resume!r} exclude each other (overwrite removes the "
                              "run that resume would continue): drop one of them")
@@ -199,7 +194,7 @@ FILE_KEYS = {
 
 
 @dataclass
-class RunConfig:
+class RunConfig(CheckedSection):
     """One run: which model, task and method, then the typed sections; ``mole`` is the ``MoLEConfig``."""
 
     model: str = setting("qwen3_1.7b", "a configs/models/ file (model_source, chat_format, torch_dtype, ...)")
@@ -220,7 +215,7 @@ class RunConfig:
     mole: MoLEConfig = field(default_factory=MoLEConfig)
 
     def __post_init__(self) -> None:
-        _check_fields(self)
+        super().__post_init__()
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}{did_you_mean(self.task, list(TASKS))}; choose one of "
                              f"{list(TASKS)} (a task registered by your own module needs imports=its_file.py)")

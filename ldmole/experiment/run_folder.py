@@ -32,7 +32,8 @@ import yaml
 
 from .checkpointing import CheckpointError, read_record, resumable_checkpoint, verify_checkpoint
 from .metrics import METRICS_NAME
-from .run_identity import BOOKKEEPING_KEYS, describe_differences, differences, identity, identity_hash
+from .run_identity import (BOOKKEEPING_KEYS, RESUME_MAY_CHANGE, describe_differences, differences, identity,
+                           identity_hash)
 
 __all__ = ["RunFolder", "RunPlan", "RunFolderError", "RunFolderBusyError", "check_identity", "LOCK_NAME",
            "RUNNING_NAME", "CONFIG_NAME",
@@ -106,7 +107,7 @@ class RunFolder:
     # -- the lock and the running marker ------------------------------------------------------------
 
     def acquire(self) -> None:
-        """Takes the folder's exclusive lock and writes ``running.json``.
+        """Takes the folder's exclusive lock and writes who holds it into the lock file.
 
         Raises:
             RunFolderBusyError: another process holds it (its pid, host and start time named).
@@ -201,8 +202,6 @@ class RunFolder:
 
     def _check_same_run(self, flat: dict[str, Any], what: str) -> None:
         """Refuses when the folder's ``config.yaml`` is another run's (ignoring what a resume may change)."""
-        from .run_identity import RESUME_MAY_CHANGE
-
         diffs = saved_config_differences(self.path, flat, RESUME_MAY_CHANGE)
         if diffs:
             raise RunFolderError(f"{what}: {self.path / CONFIG_NAME} is another run's ("
