@@ -34,44 +34,53 @@ TOKENIZER=${TOKENIZER:-}            # empty: the model's own tokenizer
 OUTPUT_DIR=${OUTPUT_DIR:-}          # empty: runs/<model>/<task>/<method>/seed<seed>
 NUM_EPOCHS=${NUM_EPOCHS:-}          # empty: 10 (3 for llama3.1_8b)
 BATCH_SIZE=${BATCH_SIZE:-}          # global batch; empty: 16
-PER_DEVICE_BATCH_SIZE=${PER_DEVICE_BATCH_SIZE:-}  # empty: 4
+PER_DEVICE_BATCH_SIZE=${PER_DEVICE_BATCH_SIZE:-}  # empty: at most 4, dividing BATCH_SIZE / processes
 LR=${LR:-}                          # empty: 1e-4
 LB_COEF=${LB_COEF:-}                # load-balance coefficient; empty: the method's value
 SPARSITY_COEF=${SPARSITY_COEF:-}    # analytic sparsity loss coefficient; empty: the method's value (0)
 SPARSITY_K=${SPARSITY_K:-}          # target number of experts of the sparsity loss; empty: 2
 SAVE_EVERY=${SAVE_EVERY:-}          # checkpoint every N steps (resume with RESUME=auto); empty: off
 RESUME=${RESUME:-}                  # auto: continue from the newest checkpoint of the output dir
-MIXED_PRECISION=${MIXED_PRECISION:-}  # empty: bf16 on GPUs, no on CPU
+MIXED_PRECISION=${MIXED_PRECISION:-}  # empty: bf16 on GPUs, no on CPU (REPLICATE=reference: its fp16)
+REPLICATE=${REPLICATE:-}            # reference: the reference release's exact setting in one switch (README)
 
 args=(model="$MODEL" task="$TASK" method="$METHOD" seed="$SEED")
 add() { [ -n "$2" ] && args+=("$1=$2"); return 0; }
 add data_dir "$DATA_DIR"; add tokenizer "$TOKENIZER"; add output_dir "$OUTPUT_DIR"
 add num_epochs "$NUM_EPOCHS"; add batch_size "$BATCH_SIZE"; add per_device_batch_size "$PER_DEVICE_BATCH_SIZE"
 add lr "$LR"; add lb_coef "$LB_COEF"; add sparsity_coef "$SPARSITY_COEF"; add sparsity_k "$SPARSITY_K"
-add save_every "$SAVE_EVERY"; add resume "$RESUME"
+add save_every "$SAVE_EVERY"; add resume "$RESUME"; add replicate "$REPLICATE"
 
+# The global batch must split evenly: processes x per-device batch x accumulation = BATCH_SIZE.
+# 16 splits over 1, 2, 4 or 8 GPUs; on 3, 5, 6 or 7 the largest count that divides it is used.
+global=${BATCH_SIZE:-16}
+procs=1
 if [ "$NUM_GPUS" -gt 0 ]; then
-  # The global batch must split evenly: processes x per-device batch x accumulation = BATCH_SIZE.
-  # 16 splits over 1, 2, 4 or 8 GPUs; on 3, 5, 6 or 7 the largest count that divides it is used.
-  global=${BATCH_SIZE:-16}
   procs=$NUM_GPUS
   while [ $((global % procs)) -ne 0 ]; do procs=$((procs - 1)); done
   if [ "$procs" -ne "$NUM_GPUS" ]; then
     echo "run.sh: a global batch of $global cannot be split evenly over $NUM_GPUS GPUs; using $procs of them" \
          "(set BATCH_SIZE to a multiple of $NUM_GPUS to use all)" >&2
   fi
-  if [ -z "$PER_DEVICE_BATCH_SIZE" ]; then  # at most 4 per GPU, the rest by gradient accumulation
-    per=$((global / procs)); [ "$per" -gt 4 ] && per=4
-    while [ $((global / procs % per)) -ne 0 ]; do per=$((per - 1)); done
-    args+=(per_device_batch_size="$per")
-  fi
-  args+=(mixed_precision="${MIXED_PRECISION:-bf16}")
-  launch=(accelerate launch --num_processes "$procs" --num_machines 1 --mixed_precision "${MIXED_PRECISION:-bf16}"
+fi
+if [ -z "$PER_DEVICE_BATCH_SIZE" ]; then  # at most 4 per process, the rest by gradient accumulation
+  per=$((global / procs)); [ "$per" -gt 4 ] && per=4
+  while [ $((global / procs % per)) -ne 0 ]; do per=$((per - 1)); done
+  args+=(per_device_batch_size="$per")
+fi
+# A replication sets its own precision: run.sh then passes one only when MIXED_PRECISION is set.
+precision=${MIXED_PRECISION:-}
+if [ "$NUM_GPUS" -gt 0 ]; then
+  [ -z "$REPLICATE" ] && precision=${precision:-bf16}
+  launch=(accelerate launch --num_processes "$procs" --num_machines 1 ${precision:+--mixed_precision "$precision"}
           --dynamo_backend no --module ldmole.cli.train)
 else
-  args+=(mixed_precision="${MIXED_PRECISION:-no}")
+  precision=${precision:-no}  # also under REPLICATE: accelerate cannot autocast a CPU to fp16 (nor did the release)
   launch=(python -m ldmole.cli.train)
 fi
-# ldmole-sweep reads the arguments alone (NUL-separated) to compare a finished run's config.yaml with them.
+add mixed_precision "$precision"
+# ldmole-sweep reads the arguments alone (NUL-separated) to compare a finished run's config.yaml with them;
+# LDMOLE_PRINT_ARGS=launch prints the whole command line the same way (the tests check its batch arithmetic).
 if [ "${LDMOLE_PRINT_ARGS:-}" = 1 ]; then printf '%s\0' "${args[@]}" "$@"; exit 0; fi
+if [ "${LDMOLE_PRINT_ARGS:-}" = launch ]; then printf '%s\0' "${launch[@]}" "${args[@]}" "$@"; exit 0; fi
 exec "${launch[@]}" "${args[@]}" "$@"

@@ -3,7 +3,7 @@ counts, and routing statistics (the same as metrics.json's).
 
     python -m ldmole.cli.evaluate PATH [--task T] [--split evaluation] [--max-examples N]
         [--batch-size B] [--device D] [--data-dir D] [--tokenizer T] [--base-model M]
-        [--mixed-precision no|bf16|fp16] [--out FILE.json [--force]]
+        [--mixed-precision no|bf16|fp16] [--quantization none|nf4|fp4|int8] [--out FILE.json [--force]]
 
 PATH is a run folder (config.yaml, adapter/, metrics.json) or an adapter folder (adapter_info.json).
 A run's settings (config.yaml: protocol, selection_size, seed, max_length, eval_max_examples,
@@ -45,6 +45,7 @@ from ldmole.experiment.evaluation import evaluate_routing
 from ldmole.experiment.precision import MIXED_PRECISIONS, autocast_for
 from ldmole.experiment.metrics import METRICS_NAME, RunMetrics
 from ldmole.experiment.pretrained import RUN_ADAPTER, from_pretrained
+from ldmole.experiment.quantization import QUANTIZATIONS, quantization_of
 from ldmole.experiment.routing_stats import RoutingStats
 from ldmole.experiment.run import PROTOCOL_SPLITS, Run
 from ldmole.experiment.run_config import RunConfig
@@ -124,15 +125,17 @@ def score(target: Target, config: RunConfig, split: str, limit: Optional[int], a
         raise ValueError(f"task {config.task!r} split {split!r} has no examples")
     loader = run.loader(examples, args.batch_size)
     device = torch.device(args.device)
-    model = from_pretrained(target.adapter, base_model=args.base_model, tokenizer=config.backbone.tokenizer).to(device)
+    model = from_pretrained(target.adapter, base_model=args.base_model, tokenizer=config.backbone.tokenizer,
+                            quantization=args.quantization).to(device)
     batch_size = loader.batch_size
-    precision = args.mixed_precision or config.optim.mixed_precision  # "no" without a run's config.yaml
+    precision = args.mixed_precision or config.optim.mixed_precision or "no"  # a run's config.yaml records its own
     routing = RoutingStats()
     metrics = evaluate_routing(model, loader, run.task, examples, routing, autocast=autocast_for(precision, device),
                                progress=f"{config.task} {split}")
     return {"adapter": str(target.adapter), "base_model": args.base_model or target.info.base_model,
             "method": target.info.method, "trained_task": target.info.task, "task": config.task, "split": split,
             "protocol": config.data.protocol, "max_examples": limit, "batch_size": batch_size,
+            "quantization": quantization_of(model),
             "mixed_precision": precision, **metrics, "routing": routing.summary()}
 
 
@@ -202,6 +205,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--base-model", default=None, help="another location of the base model (hub id or directory)")
     parser.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default=None,
                         help="autocast (default: the run's mixed_precision for a run folder, else no)")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                        help="load the base in 4-bit (nf4, fp4) or 8-bit (int8) with bitsandbytes, or unquantised "
+                             "(none) (default: as the adapter was trained; docs/quantization.md)")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here (atomically)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     return parser.parse_args(argv)

@@ -2,6 +2,7 @@
 
     python -m ldmole.cli.generate PATH --prompt "Which gas do plants take in?" [--max-new-tokens 64]
         [--trace] [--trace-json FILE.json] [--device D] [--base-model M] [--tokenizer T]
+        [--quantization none|nf4|fp4|int8]
 
 PATH is a run folder (its adapter/) or an adapter folder. The prompt goes between the prefix and
 suffix of the adapter's chat format (as a training prompt does), generation is greedy with the KV
@@ -28,6 +29,7 @@ from ldmole.experiment.adapter_info import AdapterInfo
 from ldmole.experiment.data.task_kinds import task_kind_for_model
 from ldmole.experiment.generation import format_trace_line, generate_with_trace
 from ldmole.experiment.pretrained import adapter_folder, from_pretrained, load_adapter_tokenizer
+from ldmole.experiment.quantization import QUANTIZATIONS
 from ldmole.experiment.run_config import import_env_modules
 
 
@@ -41,6 +43,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--base-model", default=None, help="another location of the base model (hub id or directory)")
     parser.add_argument("--tokenizer", default=None, help="replaces the adapter's tokenizer")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                        help="load the base in 4-bit (nf4, fp4) or 8-bit (int8) with bitsandbytes, or unquantised "
+                             "(none) (default: as the adapter was trained; docs/quantization.md)")
     return parser.parse_args(argv)
 
 
@@ -56,7 +61,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
         tokenizer = load_adapter_tokenizer(folder, args.tokenizer)
-        model = from_pretrained(folder, base_model=args.base_model, tokenizer=args.tokenizer).to(args.device)
+        model = from_pretrained(folder, base_model=args.base_model, tokenizer=args.tokenizer,
+                                quantization=args.quantization).to(args.device)
     except (FileNotFoundError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

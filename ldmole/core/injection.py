@@ -153,6 +153,7 @@ def get_mole_model(model: nn.Module, config: MoLEConfig) -> nn.Module:
         layer = MoLELinear(base, config, num_experts=counts[layer_index], name=name, layer_index=layer_index,
                            lambda_mlp=lambda_mlp, validated=True)
         layer.routing_context = context
+        context.layers.append(layer)
         layer.train(base.training)  # new modules start in training mode; keep the model's mode
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child_name, layer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,10 +30,14 @@ class LambdaMLP(nn.Module):
       Φ(-2.5·√3 / RMS(x)) (7.5e-6 at RMS 1): on real inputs no unit fires, W1 gets no gradient and
       λ is one learned constant b2 per MLP (fixed-λ Sparsegen). Kept for exact replication.
 
-    Computed in float32 whatever the input dtype or autocast state. Modules that receive the very
-    same input tensor one after another (q/k/v, gate/up) get λ computed once: the last input and
-    its λ are kept until the input, a parameter or the grad mode changes, or :meth:`clear_cache`
-    is called (the model does so at the start and end of every forward).
+    Computed in float32 whatever the input dtype or autocast state. :meth:`forward` always computes.
+    ``MoLELinear`` computes λ in two halves instead: the first layer's pre-activation W1 x + b1 in the
+    same GEMM as its router's scores (when ``input_norm="none"``, :attr:`fusable`), then
+    :meth:`lam_from_preactivation`; and it computes λ once per distinct input: the memo
+    (:meth:`recall`, :meth:`remember`) keeps the last input and its λ, so modules that receive the very
+    same tensor one after another (q/k/v, gate/up) share it. The memo holds until the input (in place),
+    a parameter or the grad mode changes, or :meth:`clear_cache` is called (the model's routing context
+    does so at the start and end of every forward; a layer used on its own after each of its forwards).
 
     Args:
         in_features: width d_in of the input.
@@ -59,34 +65,60 @@ class LambdaMLP(nn.Module):
         self.input_norm = input_norm
         nn.init.constant_(self.fc1.bias, bias_init if init == "reference" else 0.0)
         nn.init.constant_(self.fc2.bias, bias_init)
-        self._cache: tuple | None = None
+        self._memo: Optional[tuple] = None
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, init={self.init}, input_norm={self.input_norm}"
 
-    def _key(self, x: torch.Tensor) -> tuple:
-        """What must be unchanged for a cached λ to be reused (all host-side metadata, no sync)."""
-        return (x._version, torch.is_grad_enabled(), *(p._version for p in self.parameters()))
+    @property
+    def fusable(self) -> bool:
+        """Whether W1 reads the layer input itself (no input norm), so its GEMM can join the router's."""
+        return self.input_norm == "none"
+
+    def _memo_key(self, x: torch.Tensor) -> tuple:
+        """What must be unchanged for a remembered λ to be reused (host-side metadata, no sync). Compiled
+        code keys on the grad mode alone (dynamo cannot trace ``_version``): there the memo lives for one
+        model forward, which the routing context clears."""
+        if torch.compiler.is_compiling():
+            return (torch.is_grad_enabled(),)
+        fc1, fc2 = self.fc1, self.fc2
+        return (torch.is_grad_enabled(), x._version, fc1.weight._version, fc1.bias._version, fc2.weight._version,
+                fc2.bias._version)
+
+    def recall(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """λ of ``x`` when it is the very tensor last remembered (and nothing changed since), else None."""
+        memo = self._memo
+        if memo is not None and memo[0] is x and memo[1] == self._memo_key(x):
+            return memo[2]
+        return None
+
+    def remember(self, x: torch.Tensor, lam: torch.Tensor) -> None:
+        """Keeps ``x`` and its λ for :meth:`recall` (replacing the previous pair)."""
+        self._memo = (x, self._memo_key(x), lam)
 
     def clear_cache(self) -> None:
-        """Drops the cached input and λ."""
-        self._cache = None
+        """Drops the remembered input and λ."""
+        self._memo = None
+
+    def _normed(self, x: torch.Tensor) -> torch.Tensor:
+        """n(x) in float32 (call with autocast off)."""
+        x32 = x.float()
+        if self.input_norm == "rms":
+            x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + _RMS_EPS)
+        return x32
 
     def hidden_activations(self, x: torch.Tensor) -> torch.Tensor:
         """ReLU(W1 n(x) + b1) ``[..., H]`` in float32 (what fires; used by the λ probes)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x32 = x.float()
-            if self.input_norm == "rms":
-                x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + _RMS_EPS)
-            return F.relu(F.linear(x32, self.fc1.weight.float(), self.fc1.bias.float()))
+            return F.relu(F.linear(self._normed(x), self.fc1.weight.float(), self.fc1.bias.float()))
+
+    def lam_from_preactivation(self, pre: torch.Tensor) -> torch.Tensor:
+        """λ ``[...]`` (float32) from the first layer's pre-activation W1 n(x) + b1 ``[..., H]`` (float32)."""
+        with torch.autocast(device_type=pre.device.type, enabled=False):
+            logit = F.linear(F.relu(pre), self.fc2.weight.float(), self.fc2.bias.float()).squeeze(-1)
+            return F.logsigmoid(logit) + (1.0 - self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cache = self._cache
-        if cache is not None and cache[0] is x and cache[1] == self._key(x):
-            return cache[2]
-        hidden = self.hidden_activations(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logit = F.linear(hidden, self.fc2.weight.float(), self.fc2.bias.float()).squeeze(-1)
-            lam = F.logsigmoid(logit) + (1.0 - self.eps)
-        self._cache = (x, self._key(x), lam)
-        return lam
+            pre = F.linear(self._normed(x), self.fc1.weight.float(), self.fc1.bias.float())
+        return self.lam_from_preactivation(pre)

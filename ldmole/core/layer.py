@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import MoLEConfig
 from .lambda_mlp import LambdaMLP
-from .records import RoutingContext, RoutingRecord
+from .records import RoutingContext
 from .routers import LORA, get_router, validate_mole_config
 
 __all__ = ["MoLELinear"]
@@ -25,6 +25,15 @@ class MoLELinear(nn.Module):
     tensor is ever built. Router scores, routing and λ are computed in float32 (also under
     autocast) from the module input x (or dropout(x), ``config.router_input``); the experts see
     dropout(x). Routing uses no host sync.
+
+    Matrices that read the same input run as one GEMM (:meth:`_gate`): the router's W_g with the
+    λ-MLP's first layer W1 (when this layer computes λ: the λ-MLP memo shares one λ between modules fed
+    the same tensor, ``LambdaMLP.recall``), and the experts' A_cat too where the experts read the
+    routing input (no dropout applied: evaluation, ``dropout=0``; or ``router_input="dropout"``) in
+    float32, the routing dtype. The base runs on the flattened tokens and the expert update is added
+    into its output in place (one ``addmm_``, no copy of the output). The layer keeps its routing
+    tensors (``last_routing``) for the routing records while its context records; it has no other side
+    effect, so it compiles (``torch.compile``) without a graph break.
 
     Every setting comes from ``config`` (as PEFT's layers take their ``LoraConfig``): ``r``, ``alpha``,
     ``dropout``, ``router``, ``router_input``, and whatever the router reads (``top_k``, ``fixed_lambda``,
@@ -84,7 +93,10 @@ class MoLELinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, self.r, device=device))
         self.router = None if config.router == LORA else get_router(config.router)(
             self.in_features, num_experts, config, lambda_mlp=lambda_mlp, device=device)
+        # (scores, weights, λ) of the last forward while the context records (RoutingContext.records).
+        self.last_routing: Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None
         self.routing_context = RoutingContext(standalone=True)
+        self.routing_context.layers.append(self)
         if self.lambda_mlp is not None:
             self.routing_context.lambda_mlps.append(self.lambda_mlp)
         self.reset_adapter_parameters()
@@ -105,19 +117,41 @@ class MoLELinear(nn.Module):
     def extra_repr(self) -> str:
         return f"router={self.router_name}, num_experts={self.num_experts}, r={self.r}, scaling={self.scaling}"
 
-    def _route(self, x: torch.Tensor) -> torch.Tensor:
-        """Routing weights [..., E] (float32); stores the layer's routing record."""
-        scores, weights, lam = self.router(x)
-        ctx = self.routing_context
-        ctx.add(RoutingRecord(self.name, self.layer_index, self.module_type, self.router_name,
-                              scores, weights, lam, ctx.token_mask(scores)))
-        if ctx.standalone and self.lambda_mlp is not None:
-            self.lambda_mlp.clear_cache()
-        return weights
+    def _gate(self, route_in: torch.Tensor, experts_fused: bool
+              ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Scores ``[..., E]``, λ ``[...]`` (None for routers without one) and, when ``experts_fused``, the
+        experts' hidden ``A_cat route_in [..., E·r]``, all float32, from one GEMM over ``route_in`` whose rows
+        are W_g, then W1 when this layer computes λ, then A_cat. Call with autocast off."""
+        router, mlp = self.router, self.lambda_mlp
+        lam = mlp.recall(route_in) if mlp is not None else None
+        fuse_lambda = mlp is not None and lam is None and mlp.fusable
+        weight = router.weight.float()
+        blocks, bias = [weight], None
+        if fuse_lambda:
+            blocks.append(mlp.fc1.weight.float())
+            bias = [weight.new_zeros(self.num_experts), mlp.fc1.bias.float()]  # x W^T + 0 is x W^T exactly
+        if experts_fused:
+            blocks.append(self.lora_A.reshape(self.num_experts * self.r, self.in_features).float())
+            if bias is not None:
+                bias.append(weight.new_zeros(self.num_experts * self.r))
+        if len(blocks) == 1:
+            outputs = [F.linear(route_in.float(), weight)]
+        else:
+            out = F.linear(route_in.float(), torch.cat(blocks), None if bias is None else torch.cat(bias))
+            outputs = list(out.split([block.shape[0] for block in blocks], dim=-1))
+        scores = outputs.pop(0)
+        if mlp is not None and lam is None:
+            lam = mlp.lam_from_preactivation(outputs.pop(0)) if fuse_lambda else mlp(route_in)
+            mlp.remember(route_in, lam)
+        elif mlp is None:
+            lam = router.lam(route_in, scores)
+        return scores, lam, outputs.pop(0) if experts_fused else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        x_drop = self.lora_dropout(x)
+        # The base runs on the flattened tokens, so that its output (not a view) takes the update in place.
+        result = self.base_layer(x.reshape(-1, self.in_features))
+        dropout_applies = self.config.dropout > 0 and self.lora_dropout.training
+        x_drop = self.lora_dropout(x) if dropout_applies else x
         dtype = x_drop.dtype
         lora_A = self.lora_A.to(dtype)
         lora_B = self.lora_B.to(dtype)
@@ -125,12 +159,25 @@ class MoLELinear(nn.Module):
             hidden = F.linear(x_drop, lora_A[0])
             b_cat = lora_B[0]
         else:
-            weights = self._route(x_drop if self.router_input == "dropout" else x)
-            hidden = F.linear(x_drop, lora_A.reshape(self.num_experts * self.r, self.in_features))
+            route_in = x_drop if self.router_input == "dropout" else x
+            # The experts join the routing GEMM when they read its input in its dtype (float32, no autocast).
+            experts_fused = ((not dropout_applies or self.router_input == "dropout") and dtype == torch.float32
+                             and not torch.is_autocast_enabled(x.device.type))
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                scores, lam, hidden = self._gate(route_in, experts_fused)
+                weights = self.router.route(scores, lam)
+            ctx = self.routing_context
+            if ctx.recording:
+                self.last_routing = (scores, weights, lam)
+            if ctx.standalone and self.lambda_mlp is not None:
+                self.lambda_mlp.clear_cache()
+            if hidden is None:
+                hidden = F.linear(x_drop, lora_A.reshape(self.num_experts * self.r, self.in_features))
             hidden = hidden.unflatten(-1, (self.num_experts, self.r)) * weights.unsqueeze(-1).to(hidden.dtype)
             hidden = hidden.flatten(-2)
             b_cat = lora_B.permute(1, 0, 2).reshape(self.out_features, self.num_experts * self.r)
-        # One fused result + scaling * hidden @ B_cat^T: no separate [tokens, d_out] update tensor.
-        flat = torch.addmm(result.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]).to(result.dtype),
-                           b_cat.t().to(result.dtype), alpha=self.scaling)
-        return flat.view(result.shape)
+        # result += scaling * hidden @ B_cat^T in place, one GEMM: no [tokens, d_out] update tensor and no copy of
+        # the base output (which no one else holds: the base's backward keeps x and W0, not its output).
+        result.addmm_(hidden.reshape(-1, hidden.shape[-1]).to(result.dtype), b_cat.t().to(result.dtype),
+                      alpha=self.scaling)
+        return result.view(*x.shape[:-1], self.out_features)

@@ -46,17 +46,23 @@ class RoutingRecord:
 class RoutingContext:
     """State shared by the MoLE layers of one model for the duration of a forward.
 
-    The model's forward pre-hook calls :meth:`begin` (new records, the attention mask, empty λ
-    caches), its forward hook calls :meth:`end`. Layers record only between the two, so the
-    recomputation that gradient checkpointing runs during backward adds no records. A layer used
-    on its own gets a ``standalone`` context that always records and keeps only its last forward.
+    The model's forward pre-hook calls :meth:`begin` (the attention mask, no layer's routing kept, empty
+    λ memos), its forward hook calls :meth:`end`. A layer keeps its routing tensors (``last_routing``:
+    scores, weights, λ) only between the two, so the recomputation that gradient checkpointing runs
+    during backward changes no record. :attr:`records` builds the records from the layers when they are
+    read, with the token mask, so a forward does no bookkeeping a run does not read. A layer used on its
+    own gets a ``standalone`` context that always records and keeps only its last forward.
+
+    Attributes:
+        layers: the MoLE layers recording into this context (in module order).
+        lambda_mlps: the λ-MLPs whose memos a forward starts and ends with empty.
     """
 
     def __init__(self, standalone: bool = False) -> None:
         self.standalone = standalone
         self.recording = standalone
         self.mask: Optional[torch.Tensor] = None
-        self.records: dict[str, RoutingRecord] = {}
+        self.layers: list[nn.Module] = []
         self.lambda_mlps: list[nn.Module] = []
         self._depth = 0  # nested entry points (model -> its decoder body) share one forward
 
@@ -65,17 +71,18 @@ class RoutingContext:
             mlp.clear_cache()
 
     def begin(self, attention_mask: Optional[torch.Tensor]) -> None:
-        """Starts a model forward: fresh records, this forward's 2-D attention mask (or None)."""
+        """Starts a model forward: no layer's routing kept, this forward's 2-D attention mask (or None)."""
         self._depth += 1
         if self._depth > 1:
             return
-        self.records = {}
+        for layer in self.layers:
+            layer.last_routing = None
         self.mask = attention_mask if torch.is_tensor(attention_mask) and attention_mask.dim() == 2 else None
         self._clear_lambda_caches()
         self.recording = True
 
     def end(self) -> None:
-        """Ends a model forward: stops recording and releases the cached λ inputs."""
+        """Ends a model forward: stops recording and releases the remembered λ inputs."""
         self._depth = max(self._depth - 1, 0)
         if self._depth == 0:
             self.recording = False
@@ -88,10 +95,22 @@ class RoutingContext:
             return None
         return mask[:, mask.shape[1] - scores.shape[1]:].bool()
 
-    def add(self, record: RoutingRecord) -> None:
-        """Stores a layer's record (replacing the layer's previous one in this forward)."""
-        if self.recording:
-            self.records[record.name] = record
+    @property
+    def records(self) -> dict[str, RoutingRecord]:
+        """The routing of every layer that ran in the last forward, by layer name, in module order."""
+        masks: dict[tuple, Optional[torch.Tensor]] = {}  # one token mask per routed shape
+        records: dict[str, RoutingRecord] = {}
+        for layer in self.layers:
+            routing = layer.last_routing
+            if routing is None:
+                continue
+            scores, weights, lam = routing
+            shape = tuple(scores.shape[:-1])
+            if shape not in masks:
+                masks[shape] = self.token_mask(scores)
+            records[layer.name] = RoutingRecord(layer.name, layer.layer_index, layer.module_type, layer.router_name,
+                                                scores, weights, lam, masks[shape])
+        return records
 
 
 def attach_routing_context(model: nn.Module, context: RoutingContext) -> None:

@@ -30,7 +30,7 @@ def _lam_like_scores(lam: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 def _support_thresholds(u_sorted: torch.Tensor, cumsum: torch.Tensor) -> torch.Tensor:
     """1 - (U_k - k u_(k)) for k = 1..E: expert k is active iff λ is below entry k (docs/method.md §2-3)."""
     ks = torch.arange(1, u_sorted.shape[-1] + 1, device=u_sorted.device, dtype=u_sorted.dtype)
-    return 1.0 - (cumsum - ks * u_sorted)
+    return 1.0 - (cumsum - ks * u_sorted)  # not addcmul: its fused multiply-add rounds once, not twice
 
 
 class SparsegenFunction(torch.autograd.Function):
@@ -41,6 +41,8 @@ class SparsegenFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # Few ops (this runs once per adapted module and batch, on [tokens, E]): addcdiv with value ±1 and
+        # reciprocal give the same bits as the divisions and additions they replace.
         out_dtype = scores.dtype
         dtype = _compute_dtype(scores.dtype)
         u = scores.to(dtype)
@@ -53,12 +55,14 @@ class SparsegenFunction(torch.autograd.Function):
         # always), so the count is k*. lambda_bounds uses the same expression, bit for bit.
         in_support = lam_col < _support_thresholds(u_sorted, cumsum)
         # clamp: NaN scores or λ fail every comparison; they must give NaN weights, not a bad index.
-        k_star = in_support.sum(dim=-1, keepdim=True).clamp_min(1)
+        k_star = in_support.sum(dim=-1, keepdim=True).clamp_min_(1)
+        last = k_star - 1
         k_float = k_star.to(dtype)
-        top_sum = cumsum.gather(-1, k_star - 1)
-        kth_score = u_sorted.gather(-1, k_star - 1)
-        probs = torch.clamp((u - top_sum / k_float) / one_minus_lam + 1.0 / k_float, min=0.0)
-        probs = probs * (u >= kth_score).to(dtype)  # a product (not where) so NaN propagates
+        top_sum = cumsum.gather(-1, last)
+        kth_score = u_sorted.gather(-1, last)
+        # (u - U_k*/k*) / (1 - λ) + 1/k*, clamped at 0
+        probs = torch.addcdiv(k_float.reciprocal(), torch.addcdiv(u, top_sum, k_float, value=-1.0), one_minus_lam)
+        probs = probs.clamp_min_(0.0).mul_(u >= kth_score)  # a product (not where) so NaN propagates
 
         ctx.save_for_backward(probs, one_minus_lam)
         ctx.lam_shape = lam.shape
@@ -72,7 +76,7 @@ class SparsegenFunction(torch.autograd.Function):
         support = (probs > 0).to(probs.dtype)
         k = support.sum(dim=-1, keepdim=True)
         g_mean = (g * support).sum(dim=-1, keepdim=True) / k
-        v = support * (g - g_mean)
+        v = (g - g_mean).mul_(support)
         grad_scores = grad_lam = None
         if ctx.needs_input_grad[0]:
             grad_scores = (v / one_minus_lam).to(grad_probs.dtype)

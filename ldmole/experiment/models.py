@@ -13,7 +13,7 @@ from .data.task_kinds import TaskKind, task_kind_for_model
 if TYPE_CHECKING:
     from .run_config import BackboneConfig
 
-__all__ = ["load_tokenizer", "load_base_model", "resolve_model_source"]
+__all__ = ["load_tokenizer", "load_base_model", "resolve_model_source", "DTYPE_KWARG"]
 
 RANDOM_FAMILIES = {"qwen3": "qwen3", "llama": "llama"}
 
@@ -26,7 +26,7 @@ def _dtype_kwarg() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
-_DTYPE_KWARG = _dtype_kwarg()
+DTYPE_KWARG = _dtype_kwarg()  # from_pretrained's name for the dtype argument
 
 
 GATED_HINT = ("the repository is gated: accept its licence on its hub page with your account, then log in "
@@ -98,15 +98,25 @@ def load_base_model(backbone: "BackboneConfig", model_kind: str, tokenizer, num_
 
     ``model_source`` is a hub id, a local directory, ``offline:smollm2_135m`` or ``random:<family>``
     (shape from ``random_init``, weights from the run seed); ``revision`` pins a hub commit.
+    ``quantization`` other than none loads the linear layers in 4 or 8 bits through bitsandbytes, prepared
+    for adapter training (``ldmole.experiment.quantization``; a random base is built, then quantised).
 
     Raises:
         ValueError: ``model_kind`` is no task kind's (naming the valid ones).
+        MissingExtraError: a quantised base without bitsandbytes installed (a ValueError naming the extra).
     """
+    from .quantization import (check_quantization_setup, load_quantized, prepare_kbit_model, quantization_of,
+                               quantize_built_model)
+
     task_kind = task_kind_for_model(model_kind)
     source = backbone.model_source
     dtype = getattr(torch, backbone.torch_dtype)
+    quantization = backbone.quantization
+    check_quantization_setup(quantization)  # bitsandbytes missing: fail before building anything
     if source.startswith("random:"):
         model = _random_model(source.split(":", 1)[1], dict(backbone.random_init), task_kind, num_labels, tokenizer)
+        if quantization != "none":
+            return quantize_built_model(model, quantization, dtype, **{DTYPE_KWARG: dtype})
         return model.to(dtype)
     source = resolve_model_source(source)
     cls = _auto_class(task_kind)
@@ -114,7 +124,12 @@ def load_base_model(backbone: "BackboneConfig", model_kind: str, tokenizer, num_
     if revision:
         extra["revision"] = revision
     try:
-        model = cls.from_pretrained(source, **{_DTYPE_KWARG: dtype}, **extra)
+        if quantization != "none":
+            model = load_quantized(cls, source, quantization, dtype, **{DTYPE_KWARG: dtype}, **extra)
+        else:
+            model = cls.from_pretrained(source, **{DTYPE_KWARG: dtype}, **extra)
+            if quantization_of(model) != "none":  # a checkpoint saved quantised loads quantised whatever the key
+                prepare_kbit_model(model)
     except OSError as error:
         raise OSError(f"model: {_hub_hint(source, error)}") from None
     if task_kind.label_head:

@@ -17,10 +17,13 @@ from torch import nn
 from ..core.adapter_io import (CONFIG_NAME, WEIGHTS_NAME, adapter_file_names, atomic_directory,
                                check_adapter_directory, load_mole, write_mole_files)
 from .adapter_info import CARD_NAME, INFO_NAME, AdapterInfo, is_hub_id, is_local_path, model_card
+from .quantization import model_card_note, quantization_of
 
-__all__ = ["save_adapter", "from_pretrained", "load_adapter_tokenizer", "push_to_hub", "adapter_folder", "RUN_ADAPTER"]
+__all__ = ["save_adapter", "from_pretrained", "load_adapter_tokenizer", "push_to_hub", "adapter_folder", "RUN_ADAPTER",
+           "recorded_quantization"]
 
 RUN_ADAPTER = "adapter"  # the final (best-epoch) adapter inside a run folder
+QUANTIZATION_KEY = "quantization"  # adapter_info.json's extra: the quantisation of the base it was trained on
 
 PathLike = Union[str, Path]
 
@@ -35,6 +38,10 @@ def save_adapter(model: nn.Module, directory: PathLike, info: AdapterInfo,
     ``tokenizer`` is the run's tokenizer object (saved with ``save_pretrained``); without it the
     tokenizer is loaded from ``info.tokenizer_source``.
 
+    A base quantised with bitsandbytes is recorded as ``info.extra["quantization"]`` (what
+    ``from_pretrained`` loads by default) and described in the model card; only the float32 adapter is
+    written, never a base weight.
+
     Raises:
         ValueError: ``directory`` holds files that are not an adapter's (named), ``state_dict`` does
             not fit, or the tokenizer belongs in the folder but neither ``tokenizer`` nor its source is known.
@@ -47,13 +54,34 @@ def save_adapter(model: nn.Module, directory: PathLike, info: AdapterInfo,
 
         tokenizer = load_tokenizer(info.tokenizer_source)
     check_adapter_directory(directory)
+    quantization = quantization_of(model)
+    card = model_card(info, metrics)
+    if quantization != "none":
+        info = dataclasses.replace(info, extra={**info.extra, QUANTIZATION_KEY: quantization})
+        card = _with_section(card, "## Base model quantisation", model_card_note(quantization, info.torch_dtype))
     with atomic_directory(directory) as tmp:
         write_mole_files(model, tmp, state_dict=state_dict)
         (tmp / INFO_NAME).write_text(info.to_json())
-        (tmp / CARD_NAME).write_text(model_card(info, metrics))
+        (tmp / CARD_NAME).write_text(card)
         if info.tokenizer_in_folder:
             tokenizer.save_pretrained(str(tmp))
     return Path(directory)
+
+
+def _with_section(card: str, title: str, text: str) -> str:
+    """The model card ``card`` with a section ``title`` holding ``text`` before its "## Use" section (at the end
+    when it has none)."""
+    section = f"{title}\n\n{text}\n\n"
+    marker = "\n## Use\n"
+    if marker in card:
+        return card.replace(marker, f"\n{section}## Use\n", 1)
+    return card.rstrip("\n") + "\n\n" + section
+
+
+def recorded_quantization(info: AdapterInfo) -> str:
+    """The quantisation of the base the adapter was trained on, as ``save_adapter`` recorded it ("none" when
+    the record has none: a full-precision base, or a folder written before quantisation existed)."""
+    return str(info.extra.get(QUANTIZATION_KEY, "none"))
 
 
 def adapter_folder(adapter: PathLike) -> Path:
@@ -91,13 +119,21 @@ def load_adapter_tokenizer(adapter: PathLike, tokenizer: Optional[str] = None, b
 
 
 def from_pretrained(adapter: PathLike, base_model: Optional[str] = None, tokenizer: Optional[str] = None,
-                    torch_dtype: Optional[str] = None, check_base: bool = True) -> nn.Module:
+                    torch_dtype: Optional[str] = None, check_base: bool = True,
+                    quantization: Optional[str] = None) -> nn.Module:
     """The base model named in the adapter folder (or ``base_model``, a hub id or local directory)
     with the adapter applied, in eval mode.
 
     ``adapter`` is a folder written by the trainer (``adapter/``, or the run folder holding it) or a
     hub repository id. A ``random:<family>`` base is rebuilt from the run's seed, as the trainer
     built it. ``check_base`` is passed to ``load_mole`` (``False`` skips the architecture check).
+    ``quantization`` (none, nf4, fp4, int8; the run key of that name) loads the base quantised with
+    bitsandbytes; None = as the adapter was trained (recorded in adapter_info.json). An adapter trained on
+    a quantised base loads on a full-precision one and the reverse: the architecture is the same.
+
+    Raises:
+        ValueError: ``quantization`` or ``torch_dtype`` is not a valid value (naming the choices);
+            ``MissingExtraError`` (a ValueError) when the quantisation needs bitsandbytes and it is missing.
     """
     from accelerate.utils import set_seed
 
@@ -109,7 +145,8 @@ def from_pretrained(adapter: PathLike, base_model: Optional[str] = None, tokeniz
     source = base_model or info.base_model
     tok = load_adapter_tokenizer(folder, tokenizer, base_model)
     backbone = BackboneConfig(model_source=source, torch_dtype=torch_dtype or info.torch_dtype,
-                              random_init=dict(info.random_init or {}))
+                              random_init=dict(info.random_init or {}),
+                              quantization=recorded_quantization(info) if quantization is None else quantization)
     set_seed(info.seed)
     revision = info.base_model_revision if base_model is None else None
     model = load_base_model(backbone, info.model_kind, tok, num_labels=info.num_labels or 2, revision=revision)

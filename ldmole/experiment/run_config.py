@@ -41,6 +41,8 @@ from .data.chat import CHAT_FORMATS
 from .data.splits import PROTOCOLS
 from .data.tasks import TASKS
 from .precision import MIXED_PRECISIONS
+from .replication import REPLICATE_CHOICES, REPLICATIONS, check_replication, replication_keys
+from .run_identity import flatten
 
 __all__ = ["CONFIG_DIR", "TORCH_DTYPES", "REPORT_TO", "PATH_KEYS", "IMPORTS_ENV", "RunConfig",
            "BackboneConfig", "DataConfig", "OptimConfig", "LossConfig", "LoggingConfig", "compose_config",
@@ -91,6 +93,9 @@ class BackboneConfig(CheckedSection):
     torch_dtype: str = setting("float32", f"dtype the base model's weights load in ({', '.join(TORCH_DTYPES)})",
                                TORCH_DTYPES)
     random_init: dict = setting({}, "shape of a random:<family> model (hidden_size, num_hidden_layers, ...)")
+    quantization: str = setting("none", "load the base's linear layers in 4-bit (nf4, fp4) or 8-bit (int8) through "
+                                        "bitsandbytes, computing in torch_dtype (QLoRA; pip install -e '.[qlora]'; "
+                                        "docs/quantization.md); none = unquantised", ("none", "nf4", "fp4", "int8"))
 
 
 @dataclass
@@ -122,8 +127,10 @@ class OptimConfig(CheckedSection):
     batch_size: int = setting(16, "global batch per optimiser step (all processes and accumulation together); the "
                                   "last step of an epoch may have fewer micro-batches, its gradient still their mean",
                               minimum=1)
-    per_device_batch_size: int = setting(4, "micro-batch per process; accumulation = batch_size / "
-                                            "(per_device_batch_size x processes)", minimum=1)
+    per_device_batch_size: Optional[int] = setting(None, "micro-batch per process; accumulation = batch_size / "
+                                                         "(per_device_batch_size x processes); null = the largest "
+                                                         "divisor of batch_size / processes up to 4 (run.sh's rule), "
+                                                         "recorded in config.yaml", minimum=1)
     eval_batch_size: int = setting(16, "batch of selection and evaluation", minimum=1)
     lr: float = setting(1.0e-4, "AdamW learning rate", minimum=0, exclusive_minimum=True)
     weight_decay: float = setting(0.1, "AdamW weight decay", minimum=0)
@@ -134,9 +141,13 @@ class OptimConfig(CheckedSection):
     warmup_steps: int = setting(0, "linear lr warm-up steps", minimum=0)
     label_smoothing: float = setting(0.1, "label smoothing of the task cross-entropy (answer tokens only)",
                                      minimum=0, maximum=1, exclusive_maximum=True)
-    mixed_precision: str = setting("no", "accelerate autocast: no, bf16 or fp16 (run.sh uses bf16 on GPUs); the "
-                                         "router stays float32", MIXED_PRECISIONS)
+    mixed_precision: Optional[str] = setting(None, "accelerate autocast: no, bf16 or fp16 (run.sh uses bf16 on "
+                                                   "GPUs); the router stays float32; null = the launcher's (accelerate "
+                                                   "launch --mixed_precision or its config file; no under plain python), "
+                                                   "recorded in config.yaml", MIXED_PRECISIONS)
     gradient_checkpointing: bool = setting(False, "non-reentrant activation checkpointing")
+    compile: bool = setting(False, "torch.compile every decoder layer (one graph for all; the same numbers to float "
+                                   "round-off, dropout masks included; docs/speed.md)")
 
 
 @dataclass
@@ -188,7 +199,7 @@ SECTIONS = {"backbone": BackboneConfig, "data": DataConfig, "optim": OptimConfig
 # Keys that model / method files may set on top of the defaults.
 FILE_KEYS = {
     "models": ("model_source", "chat_format", "torch_dtype", "random_init", "tokenizer", "num_epochs", "mole",
-               "imports"),
+               "imports", "quantization"),
     "methods": ("mole", "imports", *(f.name for f in dataclasses.fields(LossConfig))),
 }
 
@@ -201,6 +212,9 @@ class RunConfig(CheckedSection):
     task: str = setting("arc_c", f"a registered task: {', '.join(TASKS)}, or one an imports module registers")
     method: str = setting("ldmole", "a configs/methods/ file (README: the methods table)")
     seed: int = setting(42, "data order, selection carve, initialisation", minimum=0, maximum=2**32 - 1)
+    replicate: str = setting("none", "reference: the reference release's exact setting in one switch (protocol, "
+                                     "prompt layout, router input, precision; README: Replicating the reference "
+                                     "release); keys it sets cannot be given besides it", REPLICATE_CHOICES)
     output_dir: Optional[str] = setting(None, "null = runs/<model>/<task>/<method>/seed<seed>", path=True)
     imports: list = setting([], "modules imported before the config is composed, so that the routers and tasks they "
                                 "register can be named: importable names or .py files (relative: from the current "
@@ -221,6 +235,7 @@ class RunConfig(CheckedSection):
                              f"{list(TASKS)} (a task registered by your own module needs imports=its_file.py)")
         if self.output_dir is None:
             self.output_dir = f"runs/{self.model}/{self.task}/{self.method}/seed{self.seed}"
+        check_replication(self.replicate, flatten(self.to_flat()))
 
     @classmethod
     def from_flat(cls, flat: dict[str, Any]) -> "RunConfig":
@@ -598,8 +613,40 @@ def _add_imports(imports: list[str], entries: Any, source: str) -> None:
     imports.extend(entry for entry in entries if entry not in imports)
 
 
+def _apply_replication(flat: dict[str, Any], overrides: Mapping[str, Any]) -> None:
+    """Sets the keys of the ``replicate`` the command line names on top of the model and method files' ``flat``.
+
+    Raises:
+        ValueError: an unknown replicate value, a model the release never ran, or a command-line key that
+            contradicts it (naming the key, both values and the fix).
+    """
+    name = overrides.get("replicate", "none")
+    if not isinstance(name, str):
+        raise ValueError(f"replicate={name!r} must be one of {REPLICATE_CHOICES}")
+    keys = replication_keys(name, flat.get("chat_format", BackboneConfig.chat_format), flat["model"])
+    given = {key: value for key, value in overrides.items() if key != "mole"}
+    given.update({f"mole.{key}": value for key, value in (overrides.get("mole") or {}).items()})
+    given = {key: ("yes" if value else "no") if isinstance(value, bool) and isinstance(keys.get(key), str) else value
+             for key, value in given.items()}  # YAML reads a bare no/yes as a bool
+    allowed = REPLICATIONS[name].alternatives if keys else {}
+    clashes = [f"{key}={given[key]!r} (it sets {value!r})" for key, value in keys.items()
+               if key in given and given[key] != value and given[key] not in allowed.get(key, ())]
+    if clashes:
+        raise ValueError(f"replicate={name} sets the keys it needs; the command line also gives {', '.join(clashes)}: "
+                         f"drop them, or drop replicate (run.sh passes mixed_precision: set REPLICATE={name} in it "
+                         "rather than passing replicate=)")
+    for key, value in keys.items():
+        value = given.get(key, value)  # an allowed alternative the command line gives
+        top, _, sub = key.partition(".")
+        if top == "mole" and sub:
+            flat["mole"][sub] = value
+        else:
+            flat[key] = value
+
+
 def compose_config(overrides: Sequence[str] | dict[str, Any] = (), config_dir: Path = CONFIG_DIR) -> RunConfig:
-    """Defaults <- models/<model>.yaml <- methods/<method>.yaml <- overrides, as a validated ``RunConfig``.
+    """Defaults <- models/<model>.yaml <- methods/<method>.yaml <- ``replicate`` <- overrides, as a validated
+    ``RunConfig`` (``replicate``'s keys: :mod:`ldmole.experiment.replication`; an override may not contradict them).
 
     ``mole`` keys merge key by key across the layers; ``imports`` lists add up (model file, method file,
     command line) and each is imported as soon as it is read, before ``task`` and ``mole`` are checked, so
@@ -624,6 +671,7 @@ def compose_config(overrides: Sequence[str] | dict[str, Any] = (), config_dir: P
         flat.update(layer, mole={**flat["mole"], **(layer.get("mole") or {})}, **{selector: name})
     _add_imports(flat["imports"], overrides.pop("imports", None), "the command line")
     flat["task"] = _selected("task", overrides, list(TASKS))
+    _apply_replication(flat, overrides)
     for key, value in overrides.items():
         top, _, sub = key.partition(".")
         if top == "mole" and sub:

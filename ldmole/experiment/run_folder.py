@@ -254,6 +254,14 @@ class RunFolder:
                 path.unlink()
 
 
+def _defaults_of(keys: set[str]) -> dict[str, Any]:
+    """The defaults of config keys (flat, ``mole.<field>``) as plain data: what a checkpoint written before a key
+    existed ran with (a key is added with the default that keeps the earlier behaviour)."""
+    from .run_config import describe_keys
+
+    return json.loads(json.dumps({key: default for key, default, _ in describe_keys() if key in keys}))
+
+
 def check_identity(checkpoint: Path, flat: dict[str, Any]) -> None:
     """Refuses a checkpoint whose recorded identity is not this run's, naming each differing key.
 
@@ -267,7 +275,11 @@ def check_identity(checkpoint: Path, flat: dict[str, Any]) -> None:
         raise CheckpointError(f"{checkpoint}/complete.json records no run identity")
     if record.get("identity_hash") == identity_hash(current) and saved == current:
         return
-    diffs = describe_differences(differences(saved, current), "checkpoint", "this run")
+    saved = {**_defaults_of(set(current) - set(saved)), **saved}
+    diffs = differences(saved, current)
+    if not diffs:
+        return
+    diffs = describe_differences(diffs, "checkpoint", "this run")
     raise RunFolderError(f"resume: {checkpoint} belongs to another run ({diffs}); resume it with its own settings "
                          "(only max_steps, num_epochs and the logging keys may change: docs/runs.md, Failure modes), "
                          "or "

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from ..core import losses
 from ..core.adapter_io import atomic_write, load_mole, read_mole_weights, write_mole_files
+from ..core.compile import compile_mole_model
 from ..core.injection import mole_parameters
 from ..core.records import RoutingRecord, routing_records
 from ..core.routers import aux_losses_of
@@ -39,18 +40,20 @@ from .checkpointing import (STATE_NAME, CheckpointError, finalize_checkpoint, la
 from .data.collation import train_collate
 from .data.features import IGNORE_INDEX
 from .evaluation import evaluate
+from .launch import gradient_accumulation, resolve_launch
 from .metrics import METRICS_NAME, RunMetrics
 from .pretrained import save_adapter
+from .quantization import check_quantization_setup
 from .routing_stats import RoutingStats
 from .run import RUN_SPLITS, Run
-from .run_config import OptimConfig, RunConfig
+from .run_config import RunConfig
 from .run_folder import CONFIG_NAME, LOG_NAME, TRACKER_DIR, RunFolder, RunPlan
 from .run_identity import identity, identity_hash
 from .selected_logits import SelectedLogits
 from .sharding import (clip_parameters, gather_mole_state, is_sharded, load_mole_state, load_optimizer_state,
                        optimizer_state)
 
-__all__ = ["train", "Trainer", "TrainState", "LossTerm", "routing_loss_terms", "task_loss", "NonFiniteLossError",
+__all__ = ["train", "training_model", "Trainer", "TrainState", "LossTerm", "routing_loss_terms", "task_loss", "NonFiniteLossError",
            "routing_scalars", "final_scalars", "read_log"]
 
 LOSS_TERMS = ("task", "lb", "sparsity", "z", "l1")
@@ -109,17 +112,6 @@ def _lr_factor(step: int, steps_per_epoch: int, warmup: int, milestones: list[in
     warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
     epoch = step // max(steps_per_epoch, 1)
     return warm * gamma ** sum(1 for m in milestones if epoch >= m)
-
-
-def _gradient_accumulation(optim: OptimConfig, num_processes: int) -> int:
-    """Micro-batches per optimiser step so that the global batch is ``batch_size``."""
-    per_step = optim.per_device_batch_size * num_processes
-    if optim.batch_size % per_step:
-        raise ValueError(
-            f"batch_size={optim.batch_size} is not a multiple of per_device_batch_size="
-            f"{optim.per_device_batch_size} x {num_processes} processes; change either key"
-        )
-    return optim.batch_size // per_step
 
 
 def _epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
@@ -206,12 +198,18 @@ def broadcast_object(accelerator, value):
 
 
 def make_accelerator(config: RunConfig):
-    """An ``Accelerator`` for the run, CPU (gloo) without CUDA. Gradient accumulation is the trainer's own
-    (:meth:`Trainer.optimizer_step`), so accelerate's stays at 1: it neither divides losses nor skips steps.
+    """An ``Accelerator`` for the run, CPU (gloo) without CUDA, and the run's config with what the launch
+    decides filled in (:func:`ldmole.experiment.launch.resolve_launch`: a null ``mixed_precision`` is the
+    launcher's, a null ``per_device_batch_size`` follows the process count). Gradient accumulation is the
+    trainer's own (:meth:`Trainer.optimizer_step`), so accelerate's stays at 1: it neither divides losses nor
+    skips steps.
 
+    Returns:
+        (accelerator, the resolved config).
     Raises:
-        ValueError: DeepSpeed with more than one micro-batch per step (its engine steps on every backward
-            unless accelerate drives the accumulation; naming the batch sizes that avoid it).
+        ValueError: a batch that does not split over the processes; DeepSpeed with more than one micro-batch
+            per step (its engine steps on every backward unless accelerate drives the accumulation; naming the
+            batch sizes that avoid it).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -221,12 +219,14 @@ def make_accelerator(config: RunConfig):
     report_to = None if config.logging.report_to == "none" else config.logging.report_to
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.optim.mixed_precision,
                               log_with=report_to, project_dir=str(config.output_dir))
+    config = resolve_launch(config, accelerator.num_processes, str(accelerator.mixed_precision),
+                            accelerator.device.type)
     if accelerator.distributed_type == DistributedType.DEEPSPEED and \
-            _gradient_accumulation(config.optim, accelerator.num_processes) > 1:
+            gradient_accumulation(config.optim, accelerator.num_processes) > 1:
         raise ValueError(f"DeepSpeed needs one micro-batch per optimiser step: set batch_size = per_device_batch_size "
                          f"x {accelerator.num_processes} processes (now batch_size={config.optim.batch_size}, "
                          f"per_device_batch_size={config.optim.per_device_batch_size}), or use FSDP")
-    return accelerator
+    return accelerator, config
 
 
 @dataclass
@@ -253,6 +253,18 @@ class TrainState:
             setattr(self, name, value)
 
 
+def training_model(config: RunConfig, run: Run) -> nn.Module:
+    """The model a run trains: ``run.mole_model()`` with gradient checkpointing and ``torch.compile`` as the
+    config asks (``ldmole-bench-step`` builds its trainer path with this too)."""
+    base = run.mole_model()
+    if config.optim.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.optim.compile:
+        base.config.use_cache = False  # a KV cache would give every decoder layer a graph of its own
+        compile_mole_model(base)
+    return base
+
+
 def train(config: RunConfig) -> RunMetrics:
     """Runs one fine-tuning run described by a composed config; returns (and writes) its metrics.
 
@@ -262,7 +274,8 @@ def train(config: RunConfig) -> RunMetrics:
     """
     started = time.time()
     controller = remole_controller(config)  # built before the model loads: bad remole_* settings fail early
-    accelerator = make_accelerator(config)
+    accelerator, config = make_accelerator(config)
+    check_quantization_setup(config.backbone.quantization, accelerator.distributed_type)  # before anything loads
     folder = RunFolder(config.output_dir)
     try:
         plan = None
@@ -273,9 +286,7 @@ def train(config: RunConfig) -> RunMetrics:
         run = Run(config)
         for split in RUN_SPLITS:  # read and checked before the model loads
             run.examples(split)
-        base = run.mole_model()
-        if config.optim.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base = training_model(config, run)
         trainer = Trainer(config, accelerator, run, base, routing_loss_terms(config, controller), controller)
         trainer.resume_or_start(folder, plan)
         trainer.fit()
@@ -308,7 +319,7 @@ class Trainer:
             wrapped, optimizer, *loaders)
         self.sharded = is_sharded(accelerator)
         self.clip_params = clip_parameters(accelerator, self.wrapped, self.trainable)
-        self.accumulation = _gradient_accumulation(optim, accelerator.num_processes)  # micro-batches per step
+        self.accumulation = gradient_accumulation(optim, accelerator.num_processes)  # micro-batches per step
         micro_batches = math.ceil(len(self.train_features) / (optim.per_device_batch_size * accelerator.num_processes))
         self.steps_per_epoch = math.ceil(micro_batches / self.accumulation)
         self.total_steps = self.steps_per_epoch * optim.num_epochs

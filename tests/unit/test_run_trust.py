@@ -170,3 +170,22 @@ def test_pruning_keeps_the_newest_complete_checkpoints_by_step_number(tmp_path):
     checkpointing.prune_checkpoints(tmp_path, keep=1)
     assert checkpointing.latest_checkpoint(tmp_path).name == "step-00000100"
     assert sorted(p.name for p in root.iterdir()) == ["step-00000100", "step-00000200"]
+
+
+def test_a_checkpoint_written_before_a_key_existed_resumes_when_the_run_keeps_that_keys_default(tmp_path):
+    """Keys added later (quantization, replicate, compile) are absent from older checkpoints' identities: they
+    ran with the default, so a run at the default resumes them, and a run that sets the key is refused."""
+    from ldmole.experiment.run_folder import check_identity
+    from ldmole.experiment.run_identity import identity
+
+    config = tiny(tmp_path)
+    added = [key for key in ("quantization", "replicate", "compile") if key in identity(config.to_flat())]
+    assert added, "the keys this test is about exist"
+    old = {key: value for key, value in identity(config.to_flat()).items() if key not in added}
+    tmp = checkpointing.new_checkpoint_tmp(tmp_path, 2)
+    torch.save({"step": 2}, tmp / checkpointing.STATE_NAME)
+    checkpoint = checkpointing.finalize_checkpoint(tmp, 2, {"identity": old, "identity_hash": "written-before"})
+    check_identity(checkpoint, config.to_flat())
+    quantised = tiny(tmp_path, "quantization=nf4").to_flat()
+    with pytest.raises(RunFolderError, match='quantization: checkpoint "none", this run "nf4"'):
+        check_identity(checkpoint, quantised)

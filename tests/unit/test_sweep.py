@@ -181,11 +181,11 @@ def test_run_sh_keeps_the_global_batch_of_16_on_any_gpu_count(gpus, processes, p
     # What the train command receives composes into a config whose global batch is 16 =
     # processes x per-device batch x the trainer's accumulation, with no remainder.
     from ldmole.experiment.run_config import compose_config
-    from ldmole.experiment.trainer import _gradient_accumulation
+    from ldmole.experiment.launch import gradient_accumulation
     train_args = args[args.index("ldmole.cli.train") + 1:]
     optim = compose_config(train_args).optim
     assert (optim.batch_size, optim.per_device_batch_size) == (16, per_device)
-    accumulation = _gradient_accumulation(optim, num_processes=processes)
+    accumulation = gradient_accumulation(optim, num_processes=processes)
     assert processes * per_device * accumulation == 16, "the global batch must stay 16"
     assert ("cannot be split evenly over" in result.stderr) == (processes != gpus)
 

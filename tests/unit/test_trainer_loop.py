@@ -10,7 +10,8 @@ import torch
 
 import ldmole.experiment.trainer as trainer
 from ldmole.experiment.run_config import OptimConfig
-from ldmole.experiment.trainer import _epoch_order, _gradient_accumulation, task_loss
+from ldmole.experiment.launch import gradient_accumulation as _gradient_accumulation
+from ldmole.experiment.trainer import _epoch_order, task_loss
 
 # 8 training examples in batches of 4 without accumulation: 2 optimiser steps per epoch.
 

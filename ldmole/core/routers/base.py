@@ -63,7 +63,9 @@ class Router(nn.Module):
         dense: every expert always gets a non-zero weight (load balance then counts each token's top
             expert, the Switch form).
         learned_lambda: λ per token from the shared λ-MLP, which the model owns (registered once
-            under ``ldmole_lambda_mlps``); the router only holds a reference.
+            under ``ldmole_lambda_mlps``); the router only holds a reference. Its λ is the λ-MLP's output,
+            :meth:`lam` as defined here (``register_router`` refuses a learned-λ router that redefines it):
+            ``MoLELinear`` computes that λ itself, its first layer in one GEMM with the router's scores.
         routes_every_token: every token gets at least one expert (False for ReLU routing).
         selects_from_softmax: the weights are a renormalised selection of softmax(u), so the load
             balance's ``lb_probs=softmax`` form takes P from the full softmax.
@@ -145,16 +147,22 @@ class Router(nn.Module):
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def lam(self, x: torch.Tensor, scores: torch.Tensor) -> Optional[torch.Tensor]:
-        """λ ``[...]`` of every token (float32), or None for routers without one."""
-        return None
+        """λ ``[...]`` of every token (float32): the λ-MLP's for ``learned_lambda`` routers, None for routers
+        without one; a router with a λ of its own (fixed-λ Sparsegen) redefines it."""
+        return self.lambda_mlp(x) if self.learned_lambda else None
 
     def extra_repr(self) -> str:
         options = "".join(f", {k}={v!r}" for k, v in self.options.items())
         return f"name={self.name}, in_features={self.in_features}, num_experts={self.num_experts}{options}"
 
+    def route(self, scores: torch.Tensor, lam: Optional[torch.Tensor]) -> torch.Tensor:
+        """Routing weights ``[..., E]`` of float32 ``scores`` and ``lam`` (call with autocast off)."""
+        return self.route_scores(scores, top_k=self.top_k, lam=lam, **self.options)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The plain computation (``MoLELinear`` runs a fused one): scores, weights, λ of ``x``."""
         # Routing is computed in float32 also under autocast: bf16 scores flip near-ties and λ bounds.
         with torch.autocast(device_type=x.device.type, enabled=False):
             scores = F.linear(x.float(), self.weight.float())
             lam = self.lam(x, scores)
-            return scores, self.route_scores(scores, top_k=self.top_k, lam=lam, **self.options), lam
+            return scores, self.route(scores, lam), lam

@@ -19,8 +19,9 @@ def register_router(cls: type[Router]) -> type[Router]:
     """Class decorator: makes ``cls`` available as ``MoLEConfig(router=cls.name)``.
 
     Raises:
-        ValueError: ``cls`` is not a Router, has no name, names an unknown auxiliary loss, or its
-            name is taken by another class.
+        ValueError: ``cls`` is not a Router, has no name, names an unknown auxiliary loss, redefines ``lam``
+            while ``learned_lambda`` (MoLELinear computes that λ from the λ-MLP itself), or its name is
+            taken by another class.
     """
     if not (isinstance(cls, type) and issubclass(cls, Router)):
         raise ValueError(f"register_router takes a subclass of ldmole.core.routers.Router, got {cls!r}")
@@ -29,6 +30,10 @@ def register_router(cls: type[Router]) -> type[Router]:
     unknown = set(cls.aux_losses) - AUX_LOSSES
     if unknown:
         raise ValueError(f"{cls.__name__}.aux_losses has unknown losses {sorted(unknown)}; choose from {sorted(AUX_LOSSES)}")
+    if cls.learned_lambda and cls.lam is not Router.lam:
+        raise ValueError(f"{cls.__name__} has learned_lambda=True and redefines lam(); a learned λ is the shared "
+                         "λ-MLP's output, which MoLELinear computes itself: drop the lam() method, or set "
+                         "learned_lambda=False and compute λ in lam()")
     taken = _REGISTRY.get(cls.name)
     if taken is not None and taken is not cls:
         raise ValueError(f"router name {cls.name!r} is already registered by {taken.__module__}.{taken.__qualname__}")

@@ -15,8 +15,8 @@ __all__ = ["SparsegenRouter"]
 
 @register_router
 class SparsegenRouter(Router):
-    """p = Sparsegen(u; λ(x)), λ from the λ-MLP the model shares across layers; the analytic sparsity
-    loss trains that λ."""
+    """p = Sparsegen(u; λ(x)), λ from the λ-MLP the model shares across layers (``Router.lam``); the
+    analytic sparsity loss trains that λ."""
 
     name = "sparsegen"
     learned_lambda = True
@@ -27,7 +27,3 @@ class SparsegenRouter(Router):
         if lam is None:
             raise ValueError(f"router={cls.name!r} needs lam")
         return sparsegen(scores, lam)
-
-    def lam(self, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        # The λ-MLP reads x itself (not the float32 copy) so modules fed the same tensor share one λ.
-        return self.lambda_mlp(x)
