@@ -39,8 +39,7 @@ from .data.rows import load_split_rows
 from .data.tasks import get_task
 from .run import Run
 from .step_bench import (BASE, DEFAULT_PROMPT_LEN, METHODS, REFERENCE, BenchContext, StepBenchSettings,
-                         _error_text, _peft_model, _raise_recompile_limits,
-                         _sync, git_state, method_spec, quiet_loading, resolved)
+                         _error_text, _peft_model, _sync, bench_session, method_spec, quiet_loading, resolved)
 
 __all__ = ["run_decode_benchmark", "format_decode_table", "DECODE_TASK"]
 
@@ -132,13 +131,7 @@ def run_decode_benchmark(settings: StepBenchSettings, log: Callable[[str], None]
     settings = resolved(dataclasses.replace(settings, decode=True))
     import peft  # noqa: F401 - loaded before timing
 
-    threads = torch.get_num_threads()
-    ctx = BenchContext(settings, log)
-    limits = _raise_recompile_limits() if settings.compile else {}
-    try:
-        if settings.threads is not None:
-            torch.set_num_threads(settings.threads)
-        env = {**bench.environment(ctx.device, ctx.dtype), **git_state()}
+    with bench_session(settings, log) as (ctx, env, limits):
         log("# Greedy decoding with the KV cache (ms per generated token)")
         log("")
         log(f"commit {env.get('commit') or 'unknown'}" + (" (working tree had uncommitted changes)"
@@ -212,9 +205,6 @@ def run_decode_benchmark(settings: StepBenchSettings, log: Callable[[str], None]
         log("")
         log(format_decode_table(result))
         return result
-    finally:
-        torch.set_num_threads(threads)
-        ctx.close()
 
 
 def _decode_memory_note(device: torch.device) -> str:

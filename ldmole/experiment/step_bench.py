@@ -94,7 +94,7 @@ from .run_config import REPO_ROOT, OptimConfig, RunConfig, available, compose_co
 __all__ = ["MethodSpec", "WidthPreset", "StepBenchSettings", "Variant", "METHODS", "DEFAULT_METHODS", "WIDTH_PRESETS",
            "REFERENCE", "PATHS", "BASE", "DECODE_METHODS", "run_step_benchmark", "check_settings", "method_spec",
            "format_table", "BenchContext", "FrozenWeights", "git_state", "compile_key", "build_trainer_variant",
-           "build_library_variant", "quiet_loading", "resolved", "TIMING_DEFAULTS",
+           "build_library_variant", "quiet_loading", "resolved", "TIMING_DEFAULTS", "bench_session",
            "library_compile"]
 
 
@@ -923,6 +923,23 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def bench_session(settings: StepBenchSettings, log: Callable[[str], None]):
+    """What a step or decode benchmark runs inside: its ``BenchContext``, torch's thread count set to
+    ``settings.threads``, the recompile limits raised under ``--compile``, and the environment record (versions,
+    device, commit); yields ``(ctx, env, limits)`` and restores the thread count and closes the context on exit."""
+    threads = torch.get_num_threads()
+    ctx = BenchContext(settings, log)
+    limits = _raise_recompile_limits() if settings.compile else {}
+    try:
+        if settings.threads is not None:
+            torch.set_num_threads(settings.threads)
+        yield ctx, {**bench.environment(ctx.device, ctx.dtype), **git_state()}, limits
+    finally:
+        torch.set_num_threads(threads)
+        ctx.close()
+
+
 def _memory_note(device: torch.device) -> str:
     if device.type == "cuda":
         return ("peak MB: torch.cuda.max_memory_allocated during one step minus memory_allocated before it "
@@ -938,13 +955,7 @@ def run_step_benchmark(settings: StepBenchSettings, log: Callable[[str], None] =
     settings = resolved(settings)
     import peft  # noqa: F401 - imported before gc.freeze: it creates many long-lived objects
 
-    threads = torch.get_num_threads()
-    ctx = BenchContext(settings, log)
-    limits = _raise_recompile_limits() if settings.compile else {}
-    try:
-        if settings.threads is not None:
-            torch.set_num_threads(settings.threads)
-        env = {**bench.environment(ctx.device, ctx.dtype), **git_state()}
+    with bench_session(settings, log) as (ctx, env, limits):
         _log_header(settings, ctx, env, log)
         log("building the variants:")
         with quiet_loading():
@@ -986,9 +997,6 @@ def run_step_benchmark(settings: StepBenchSettings, log: Callable[[str], None] =
             log(f"\n{len(failed)} variant(s) failed: " + "; ".join(f"{r['method']}/{r['path']}: {r['error']}"
                                                                    for r in failed))
         return result
-    finally:
-        torch.set_num_threads(threads)
-        ctx.close()
 
 
 def _log_header(settings: StepBenchSettings, ctx: BenchContext, env: dict, log: Callable[[str], None]) -> None:
