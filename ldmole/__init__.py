@@ -15,6 +15,7 @@ __version__ = "0.2.0"
 # name -> the module that defines it.
 _EXPORTS = {
     **dict.fromkeys(("load_mole", "save_mole"), ".core.adapter_io"),
+    "compile_mole_model": ".core.compile",
     "MoLEConfig": ".core.config",
     **dict.fromkeys(("get_mole_model", "mole_config_of", "mole_layers", "mole_parameters"), ".core.injection"),
     "LambdaMLP": ".core.lambda_mlp",
@@ -34,10 +35,12 @@ __all__ = [
     "RoutingRecord", "RoutingContext", "routing_records", "routing_context_of", "load_balance_loss",
     "sparsity_loss", "router_z_loss", "l1_penalty", "balanced_l1_penalty", "active_expert_fraction",
     "ReMoLEL1Controller", "Router", "register_router", "get_router", "router_names", "validate_mole_config",
+    "compile_mole_model",
 ]
 
 if TYPE_CHECKING:
     from .core.adapter_io import load_mole, save_mole
+    from .core.compile import compile_mole_model
     from .core.config import MoLEConfig
     from .core.injection import get_mole_model, mole_config_of, mole_layers, mole_parameters
     from .core.lambda_mlp import LambdaMLP

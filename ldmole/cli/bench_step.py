@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--decode --data random: prompt length (default 32)")
     p.add_argument("--decode-batch", type=int, default=d.decode_batch,
                    help="--decode: sequences generated together (default 1)")
+    p.add_argument("--profile", type=_names, default=d.profile, metavar="METHODS",
+                   help="comma-separated methods (or method/path) whose torch.profiler op table (self time) of one "
+                        "more step, or with --decode one more generation, is printed after the table")
+    p.add_argument("--saved", type=_names, default=d.saved, metavar="METHODS",
+                   help="comma-separated methods (or method/path) whose tensors saved for the backward in one more "
+                        "step are listed, by module and shape (what a step's activation memory is)")
+    p.add_argument("--profile-rows", type=int, default=d.profile_rows,
+                   help="rows of each --profile / --saved table (default 25)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON to OUT")
     return p
 
@@ -97,7 +105,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     "min_ms", "times_ms", "tokens_per_s", "ratio_vs_lora_r64", "trainer_over_library", "peak_mb", "state_mb",
     "trainable_params", "params_changed" (fraction of trainable tensors that changed over the run), "lora_b_moved"
     (fraction of the zero-initialised lora_B tensors that a gradient step moved), "compile", "timed_compiles",
-    "notes", "error"}]}``; with ``--decode`` the rows are
+    "notes", "error"}], "profiles": {variant: --profile table}, "saved_tensors": {variant: [{"module", "shape",
+    "mb", "tensors"}]}}``; with ``--decode`` the rows are
     ``{"method", "label", "ms_per_token", "min_ms_per_token", "times_ms_per_token", "tokens_per_s",
     "ratio_vs_lora_r64", "prefill_ms", "peak_mb", "generated", "compile", "error"}``.
     """

@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoLEConfig
+from .fused_linear import fused_linear
 from .lambda_mlp import LambdaMLP
 from .records import RoutingContext
+from .routed_update import add_routed_update_
 from .routers import LORA, get_router, validate_mole_config
 
 __all__ = ["MoLELinear"]
@@ -30,10 +32,14 @@ class MoLELinear(nn.Module):
     λ-MLP's first layer W1 (when this layer computes λ: the λ-MLP memo shares one λ between modules fed
     the same tensor, ``LambdaMLP.recall``), and the experts' A_cat too where the experts read the
     routing input (no dropout applied: evaluation, ``dropout=0``; or ``router_input="dropout"``) in
-    float32, the routing dtype. The base runs on the flattened tokens and the expert update is added
-    into its output in place (one ``addmm_``, no copy of the output). The layer keeps its routing
-    tensors (``last_routing``) for the routing records while its context records; it has no other side
-    effect, so it compiles (``torch.compile``) without a graph break.
+    float32, the routing dtype (``fused_linear``: the backward keeps the weights, not their concatenation). The
+    base runs on the flattened tokens and the expert update is added into its output in place (one GEMM,
+    ``add_routed_update_``: no copy of the output, and the backward keeps h, p and B, not B_cat or h ⊙ p).
+    Without autograd (evaluation, generation) nothing is concatenated: each matrix has its own GEMM, Sparsegen
+    runs without its autograd Function, and for at most r tokens (decoding) the update is a batched GEMM over
+    the experts, which needs no copy of B. The layer keeps its routing tensors (``last_routing``) for the routing
+    records while its context records; it has no other side effect, so it compiles (``torch.compile``) without
+    a graph break.
 
     Every setting comes from ``config`` (as PEFT's layers take their ``LoraConfig``): ``r``, ``alpha``,
     ``dropout``, ``router``, ``router_input``, and whatever the router reads (``top_k``, ``fixed_lambda``,
@@ -121,11 +127,24 @@ class MoLELinear(nn.Module):
               ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Scores ``[..., E]``, λ ``[...]`` (None for routers without one) and, when ``experts_fused``, the
         experts' hidden ``A_cat route_in [..., E·r]``, all float32, from one GEMM over ``route_in`` whose rows
-        are W_g, then W1 when this layer computes λ, then A_cat. Call with autocast off."""
+        are W_g, then W1 when this layer computes λ, then A_cat (with autograd; without, one GEMM each). Call
+        with autocast off."""
         router, mlp = self.router, self.lambda_mlp
         lam = mlp.recall(route_in) if mlp is not None else None
-        fuse_lambda = mlp is not None and lam is None and mlp.fusable
         weight = router.weight.float()
+        if not torch.is_grad_enabled():
+            # Without autograd one GEMM saves nothing: copying the rows into one matrix costs more than it saves.
+            x32 = route_in.float()
+            scores = F.linear(x32, weight)
+            if mlp is not None and lam is None:
+                lam = mlp(route_in)
+                mlp.remember(route_in, lam)
+            elif mlp is None:
+                lam = router.lam(route_in, scores)
+            hidden = F.linear(x32, self.lora_A.reshape(self.num_experts * self.r, self.in_features).float()) \
+                if experts_fused else None
+            return scores, lam, hidden
+        fuse_lambda = mlp is not None and lam is None and mlp.fusable
         blocks, bias = [weight], None
         if fuse_lambda:
             blocks.append(mlp.fc1.weight.float())
@@ -137,8 +156,13 @@ class MoLELinear(nn.Module):
         if len(blocks) == 1:
             outputs = [F.linear(route_in.float(), weight)]
         else:
-            out = F.linear(route_in.float(), torch.cat(blocks), None if bias is None else torch.cat(bias))
+            out = fused_linear(route_in.float(), blocks, None if bias is None else torch.cat(bias))
             outputs = list(out.split([block.shape[0] for block in blocks], dim=-1))
+            if fuse_lambda:
+                # The scores (routing records, losses) and the experts' hidden units (saved for the backward)
+                # outlive the forward: copies of their columns, so that they do not keep the whole output, with
+                # λ's H pre-activations, alive until the backward.
+                outputs = [outputs[0].clone(), outputs[1]] + [o.clone() for o in outputs[2:]]
         scores = outputs.pop(0)
         if mlp is not None and lam is None:
             lam = mlp.lam_from_preactivation(outputs.pop(0)) if fuse_lambda else mlp(route_in)
@@ -156,28 +180,27 @@ class MoLELinear(nn.Module):
         lora_A = self.lora_A.to(dtype)
         lora_B = self.lora_B.to(dtype)
         if self.router is None:
+            # result += scaling * A dropout(x) @ B^T in place, one GEMM: no [tokens, d_out] update tensor and no copy
+            # of the base output (which no one else holds: the base's backward keeps x and W0, not its output).
             hidden = F.linear(x_drop, lora_A[0])
-            b_cat = lora_B[0]
-        else:
-            route_in = x_drop if self.router_input == "dropout" else x
-            # The experts join the routing GEMM when they read its input in its dtype (float32, no autocast).
-            experts_fused = ((not dropout_applies or self.router_input == "dropout") and dtype == torch.float32
-                             and not torch.is_autocast_enabled(x.device.type))
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                scores, lam, hidden = self._gate(route_in, experts_fused)
-                weights = self.router.route(scores, lam)
-            ctx = self.routing_context
-            if ctx.recording:
-                self.last_routing = (scores, weights, lam)
-            if ctx.standalone and self.lambda_mlp is not None:
-                self.lambda_mlp.clear_cache()
-            if hidden is None:
-                hidden = F.linear(x_drop, lora_A.reshape(self.num_experts * self.r, self.in_features))
-            hidden = hidden.unflatten(-1, (self.num_experts, self.r)) * weights.unsqueeze(-1).to(hidden.dtype)
-            hidden = hidden.flatten(-2)
-            b_cat = lora_B.permute(1, 0, 2).reshape(self.out_features, self.num_experts * self.r)
-        # result += scaling * hidden @ B_cat^T in place, one GEMM: no [tokens, d_out] update tensor and no copy of
-        # the base output (which no one else holds: the base's backward keeps x and W0, not its output).
-        result.addmm_(hidden.reshape(-1, hidden.shape[-1]).to(result.dtype), b_cat.t().to(result.dtype),
-                      alpha=self.scaling)
+            result.addmm_(hidden.reshape(-1, self.r).to(result.dtype), lora_B[0].t().to(result.dtype),
+                          alpha=self.scaling)
+            return result.view(*x.shape[:-1], self.out_features)
+        route_in = x_drop if self.router_input == "dropout" else x
+        # The experts join the routing GEMM when they read its input in its dtype (float32, no autocast).
+        experts_fused = ((not dropout_applies or self.router_input == "dropout") and dtype == torch.float32
+                         and not torch.is_autocast_enabled(x.device.type))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            scores, lam, hidden = self._gate(route_in, experts_fused)
+            weights = self.router.route(scores, lam)
+        ctx = self.routing_context
+        if ctx.recording:
+            self.last_routing = (scores, weights, lam)
+        if ctx.standalone and self.lambda_mlp is not None:
+            self.lambda_mlp.clear_cache()
+        if hidden is None:
+            hidden = F.linear(x_drop, lora_A.reshape(self.num_experts * self.r, self.in_features))
+        tokens = result.shape[0]
+        add_routed_update_(result, hidden.reshape(tokens, self.num_experts, self.r),
+                           weights.reshape(tokens, self.num_experts), lora_B, self.scaling)  # in place, one GEMM
         return result.view(*x.shape[:-1], self.out_features)

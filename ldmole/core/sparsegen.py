@@ -33,6 +33,34 @@ def _support_thresholds(u_sorted: torch.Tensor, cumsum: torch.Tensor) -> torch.T
     return 1.0 - (cumsum - ks * u_sorted)  # not addcmul: its fused multiply-add rounds once, not twice
 
 
+def _project(scores: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, 1 - λ) in the compute dtype: the forward of :class:`SparsegenFunction`, also run on its own where no
+    gradient is needed (no autograd Function, no saved tensors: inference pays per module call for each op).
+
+    Few ops (this runs once per adapted module and batch, on [tokens, E]): addcdiv with value ±1 and
+    reciprocal give the same bits as the divisions and additions they replace."""
+    dtype = _compute_dtype(scores.dtype)
+    u = scores.to(dtype)
+    lam_col = _lam_like_scores(lam, scores).to(dtype)
+    one_minus_lam = 1.0 - lam_col
+
+    u_sorted, _ = torch.sort(u, dim=-1, descending=True)
+    cumsum = u_sorted.cumsum(dim=-1)
+    # λ < _support_thresholds[k-1] <=> expert k is in the support; true for a prefix of k (k = 1
+    # always), so the count is k*. lambda_bounds uses the same expression, bit for bit.
+    in_support = lam_col < _support_thresholds(u_sorted, cumsum)
+    # clamp: NaN scores or λ fail every comparison; they must give NaN weights, not a bad index.
+    k_star = in_support.sum(dim=-1, keepdim=True).clamp_min_(1)
+    last = k_star - 1
+    k_float = k_star.to(dtype)
+    top_sum = cumsum.gather(-1, last)
+    kth_score = u_sorted.gather(-1, last)
+    # (u - U_k*/k*) / (1 - λ) + 1/k*, clamped at 0
+    probs = torch.addcdiv(k_float.reciprocal(), torch.addcdiv(u, top_sum, k_float, value=-1.0), one_minus_lam)
+    probs = probs.clamp_min_(0.0).mul_(u >= kth_score)  # a product (not where) so NaN propagates
+    return probs, one_minus_lam
+
+
 class SparsegenFunction(torch.autograd.Function):
     """p = Sparsegen(u; λ) over the last dimension; backward in closed form (no autograd through sort).
 
@@ -41,33 +69,11 @@ class SparsegenFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # Few ops (this runs once per adapted module and batch, on [tokens, E]): addcdiv with value ±1 and
-        # reciprocal give the same bits as the divisions and additions they replace.
-        out_dtype = scores.dtype
-        dtype = _compute_dtype(scores.dtype)
-        u = scores.to(dtype)
-        lam_col = _lam_like_scores(lam, scores).to(dtype)
-        one_minus_lam = 1.0 - lam_col
-
-        u_sorted, _ = torch.sort(u, dim=-1, descending=True)
-        cumsum = u_sorted.cumsum(dim=-1)
-        # λ < _support_thresholds[k-1] <=> expert k is in the support; true for a prefix of k (k = 1
-        # always), so the count is k*. lambda_bounds uses the same expression, bit for bit.
-        in_support = lam_col < _support_thresholds(u_sorted, cumsum)
-        # clamp: NaN scores or λ fail every comparison; they must give NaN weights, not a bad index.
-        k_star = in_support.sum(dim=-1, keepdim=True).clamp_min_(1)
-        last = k_star - 1
-        k_float = k_star.to(dtype)
-        top_sum = cumsum.gather(-1, last)
-        kth_score = u_sorted.gather(-1, last)
-        # (u - U_k*/k*) / (1 - λ) + 1/k*, clamped at 0
-        probs = torch.addcdiv(k_float.reciprocal(), torch.addcdiv(u, top_sum, k_float, value=-1.0), one_minus_lam)
-        probs = probs.clamp_min_(0.0).mul_(u >= kth_score)  # a product (not where) so NaN propagates
-
+        probs, one_minus_lam = _project(scores, lam)
         ctx.save_for_backward(probs, one_minus_lam)
         ctx.lam_shape = lam.shape
         ctx.lam_dtype = lam.dtype
-        return probs.to(out_dtype)
+        return probs.to(scores.dtype)
 
     @staticmethod
     def backward(ctx, grad_probs: torch.Tensor):  # type: ignore[override]
@@ -101,7 +107,9 @@ def sparsegen(scores: torch.Tensor, lam: torch.Tensor | float) -> torch.Tensor:
     """
     if not torch.is_tensor(lam):
         lam = torch.full(scores.shape[:-1], float(lam), dtype=scores.dtype, device=scores.device)
-    return SparsegenFunction.apply(scores, lam)
+    if torch.is_grad_enabled() and (scores.requires_grad or lam.requires_grad):
+        return SparsegenFunction.apply(scores, lam)
+    return _project(scores, lam)[0].to(scores.dtype)  # the same forward, without autograd's bookkeeping
 
 
 def lambda_bounds(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

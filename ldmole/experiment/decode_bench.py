@@ -39,7 +39,8 @@ from .data.rows import load_split_rows
 from .data.tasks import get_task
 from .run import Run
 from .step_bench import (BASE, DEFAULT_PROMPT_LEN, METHODS, REFERENCE, BenchContext, StepBenchSettings,
-                         _error_text, _peft_model, _sync, bench_session, method_spec, quiet_loading, resolved)
+                         _error_text, _peft_model, _sync, bench_session, log_profiles, method_spec, profiled,
+                         quiet_loading, resolved)
 
 __all__ = ["run_decode_benchmark", "format_decode_table", "DECODE_TASK"]
 
@@ -186,6 +187,8 @@ def run_decode_benchmark(settings: StepBenchSettings, log: Callable[[str], None]
                              prefill_ms=1e3 * statistics.median(prefill[v.name]) if prefill[v.name] else None,
                              peak_mb=peak / 2**20 if peak is not None else None, generated=v.tokens,
                              compile=v.compiled, error=v.error))
+        profiles = {v.name: bench.profile_table(_GenerationStepper(v, ctx), ctx.device, settings.profile_rows)
+                    for v in variants if v.error is None and profiled(settings, v.name)}
         ref = next((r for r in rows if r["method"] == REFERENCE), None)
         for r in rows:
             r["ratio_vs_lora_r64"] = (r["ms_per_token"] / ref["ms_per_token"]
@@ -201,9 +204,10 @@ def run_decode_benchmark(settings: StepBenchSettings, log: Callable[[str], None]
         result = dict(environment=env, setting=setting, reference=REFERENCE,
                       memory=dict(peak_mb=_decode_memory_note(ctx.device),
                                   shared_frozen_mb=ctx.frozen.total_bytes() / 2**20),
-                      rows=rows)
+                      rows=rows, profiles=profiles)
         log("")
         log(format_decode_table(result))
+        log_profiles(profiles, log)
         return result
 
 

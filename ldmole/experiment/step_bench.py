@@ -177,6 +177,9 @@ class StepBenchSettings:
     new_tokens: int = 32                # decode: tokens generated per round
     prompt_len: Optional[int] = None    # decode with data="random": prompt length (None: 32)
     decode_batch: int = 1               # decode: sequences generated together
+    profile: Optional[list] = None      # methods (or method/path) whose torch.profiler op table is printed
+    saved: Optional[list] = None        # methods (or method/path) whose tensors saved for the backward are listed
+    profile_rows: int = 25              # rows of each --profile / --saved table
 
     def method_names(self) -> list[str]:
         if self.methods is not None:
@@ -297,6 +300,18 @@ def check_settings(settings: StepBenchSettings) -> None:
                              "sentence in the model's prompt format")
         if settings.prompt_len < 1:
             raise ValueError(f"--prompt-len must be >= 1 (got {settings.prompt_len})")
+    if settings.saved and settings.decode:
+        raise ValueError("--saved lists what a training step keeps for its backward; decoding has no backward "
+                         "(drop --saved or --decode)")
+    for option in ("profile", "saved"):
+        for name in getattr(settings, option) or []:
+            method, _, path = name.partition("/")
+            if method not in methods or (path and (settings.decode or path not in settings.paths)):
+                variants = methods if settings.decode else [f"{m}/{p}" for m in methods for p in settings.paths]
+                raise ValueError(f"--{option} {name!r} is not a measured variant; name one of --methods (or "
+                                 f"method/path): {', '.join(variants)}")
+    if settings.profile_rows < 1:
+        raise ValueError(f"--profile-rows must be >= 1 (got {settings.profile_rows})")
     if settings.decode and settings.compile:
         raise ValueError("--compile is not measured with --decode: the KV cache grows every step, so each length would "
                          "be a graph of its own; drop --compile")
@@ -844,6 +859,69 @@ def run_rounds(variants: list[Variant], warmup: int, steps: int, device: torch.d
     return times
 
 
+def profiled(settings: StepBenchSettings, method: str, path: Optional[str] = None, option: str = "profile") -> bool:
+    """Whether ``--profile`` (or ``--saved``) names this variant (a method alone names all its paths)."""
+    return any(name in (method, f"{method}/{path}") for name in getattr(settings, option) or [])
+
+
+def saved_tensors(variant: Variant) -> list[dict]:
+    """What autograd keeps from one more step's forward for its backward: the distinct storages saved (trainable
+    and frozen parameters left out), each counted once, under the innermost module running when it was first
+    saved (an adapted projection as ``MoLELinear <q_proj>``) and its shape after the first dimension. Rows
+    ``{"module", "shape", "mb", "tensors"}``, largest first."""
+    from ..core.layer import MoLELinear
+
+    model = variant.model
+    stack: list[str] = []
+    handles = []
+    for module in model.modules():
+        label = f"{type(module).__name__} <{module.module_type}>" if isinstance(module, MoLELinear) else \
+            type(module).__name__
+        handles.append(module.register_forward_pre_hook(lambda _m, _a, label=label: stack.append(label)))
+        handles.append(module.register_forward_hook(lambda _m, _a, _o: stack.pop() and None))
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, tuple[str, tuple, int]] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer not in parameters and pointer not in seen and storage.nbytes() > 0:
+            seen[pointer] = (stack[-1] if stack else "(outside any module)", tuple(tensor.shape[1:]), storage.nbytes())
+        return tensor
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            variant.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    totals: dict[tuple[str, tuple], list[int]] = {}
+    for module, shape, nbytes in seen.values():
+        entry = totals.setdefault((module, shape), [0, 0])
+        entry[0] += nbytes
+        entry[1] += 1
+    rows = [dict(module=module, shape=list(shape), mb=nbytes / 2**20, tensors=count)
+            for (module, shape), (nbytes, count) in totals.items()]
+    return sorted(rows, key=lambda row: -row["mb"])
+
+
+def format_saved_tensors(entries: list[dict], rows: int) -> str:
+    lines = [f"total {sum(e['mb'] for e in entries):.1f} MB in {sum(e['tensors'] for e in entries)} storages",
+             "", "| module | shape after dim 0 | tensors | MB |", "|---|---|---:|---:|"]
+    for e in entries[:rows]:
+        lines.append(f"| {e['module']} | {tuple(e['shape'])} | {e['tensors']} | {e['mb']:.1f} |")
+    if len(entries) > rows:
+        lines.append(f"| ({len(entries) - rows} more rows) | | | {sum(e['mb'] for e in entries[rows:]):.1f} |")
+    return "\n".join(lines)
+
+
+def log_profiles(profiles: dict, log: Callable[[str], None]) -> None:
+    """Logs each ``--profile`` table (``torch.profiler`` ops by self time of one more step or generation)."""
+    for name, table in profiles.items():
+        log(f"\n### torch.profiler, {name}: one more step, ops by self time\n")
+        log(table)
+
+
 def _peak_bytes(variant: Variant, device: torch.device) -> Optional[int]:
     stepper = _Stepper(variant)
     try:
@@ -972,6 +1050,10 @@ def run_step_benchmark(settings: StepBenchSettings, log: Callable[[str], None] =
             times = run_rounds(variants, settings.warmup, settings.steps, ctx.device, log)
             peaks = {v.name: _peak_bytes(v, ctx.device) if v.error is None else None for v in variants}
             rows = _rows(variants, times, peaks, tokens)
+            profiles = {v.name: bench.profile_table(_Stepper(v), ctx.device, settings.profile_rows)
+                        for v in variants if v.error is None and profiled(settings, v.spec.name, v.path)}
+            saved = {v.name: saved_tensors(v) for v in variants
+                     if v.error is None and profiled(settings, v.spec.name, v.path, "saved")}
         finally:
             gc.unfreeze()
         if hasattr(os, "getloadavg"):
@@ -989,9 +1071,14 @@ def run_step_benchmark(settings: StepBenchSettings, log: Callable[[str], None] =
                       state_mb="trainable parameters + AdamW state of the variant (counted from the tensors)",
                       shared_frozen_mb=ctx.frozen.total_bytes() / 2**20,
                       frozen_bytes_deduplicated_mb=ctx.frozen.shared_bytes / 2**20)
-        result = dict(environment=env, setting=setting, reference=REFERENCE, memory=memory, rows=rows)
+        result = dict(environment=env, setting=setting, reference=REFERENCE, memory=memory, rows=rows,
+                      profiles=profiles, saved_tensors=saved)
         log("")
         log(format_table(result))
+        log_profiles(profiles, log)
+        for name, entries in saved.items():
+            log(f"\n### saved for the backward, {name}\n")
+            log(format_saved_tensors(entries, settings.profile_rows))
         failed = [r for r in rows if r["error"]]
         if failed:
             log(f"\n{len(failed)} variant(s) failed: " + "; ".join(f"{r['method']}/{r['path']}: {r['error']}"

@@ -119,6 +119,10 @@ def test_ours_and_peft_train_the_same_parameter_count(result):
     (["--paths", "trainer"], "peft_lora_r64 runs on the library path only"),
     (["--methods", "base,lora_r64"], "--decode only"),
     (["--prompt-len", "8"], "--prompt-len applies to --decode --data random"),
+    (["--profile", "nope"], "--profile 'nope' is not a measured variant"),
+    (["--profile", "ldmole/gpu"], "--profile 'ldmole/gpu' is not a measured variant"),
+    (["--saved", "softmax"], "--saved 'softmax' is not a measured variant"),
+    (["--decode", "--saved", "ldmole"], "decoding has no backward"),
 ])
 def test_bad_options_name_the_option_and_the_fix(cli, capsys, args, fragment):
     assert cli.main(TINY + args) == 2
@@ -183,8 +187,9 @@ def test_frozen_weights_are_shared_between_variants(step_bench):
 
 def test_decode_rows_and_ratio(cli, tmp_path, capsys):
     out = tmp_path / "decode.json"
-    assert cli.main(TINY + ["--decode", "--new-tokens", "3", "--json", str(out)]) == 0
+    assert cli.main(TINY + ["--decode", "--new-tokens", "3", "--profile", "ldmole", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
+    assert list(data["profiles"]) == ["ldmole"] and "Self CPU" in data["profiles"]["ldmole"]
     rows = {r["method"]: r for r in data["rows"]}
     assert set(rows) == {"base", "lora_r64", "ldmole"}
     for row in rows.values():
@@ -193,7 +198,27 @@ def test_decode_rows_and_ratio(cli, tmp_path, capsys):
         assert len(row["generated"]) == 4  # the prefill's token, then one per decoding step
     # LoRA's B starts at zero: it generates the base model's tokens.
     assert rows["lora_r64"]["generated"] == rows["base"]["generated"]
-    assert "| base (no adapter) |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| base (no adapter) |" in printed and "### torch.profiler, ldmole: " in printed
+
+
+def test_profile_and_saved_print_their_tables_for_the_named_variants_only(cli, tmp_path, capsys):
+    out = tmp_path / "step.json"
+    assert cli.main(TINY + ["--methods", "lora_r64,ldmole", "--profile", "ldmole/library", "--saved", "ldmole",
+                            "--profile-rows", "5", "--steps", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    profiles, saved = data["profiles"], data["saved_tensors"]
+    assert list(profiles) == ["ldmole/library"] and "Self CPU" in profiles["ldmole/library"]
+    assert sorted(saved) == ["ldmole/library", "ldmole/trainer"]
+    for entries in saved.values():
+        assert entries == sorted(entries, key=lambda e: -e["mb"]) and all(e["mb"] > 0 for e in entries)
+        modules = {e["module"] for e in entries}
+        # the λ-MLP's hidden units (lambda_hidden wide) are saved inside the adapted projections that compute λ
+        assert {"MoLELinear <q_proj>", "MoLELinear <down_proj>"} <= modules
+        width = {tuple(e["shape"]) for e in entries if e["module"] == "MoLELinear <q_proj>"}
+        assert any(shape[-1:] == (256,) for shape in width), width
+    printed = capsys.readouterr().out
+    assert "### torch.profiler, ldmole/library: " in printed and "### saved for the backward, ldmole/trainer" in printed
 
 
 def test_the_trainer_path_builds_its_model_with_the_trainers_own_function(step_bench):

@@ -64,6 +64,16 @@ def test_layer_compiles_to_one_forward_and_one_backward_graph(router, training, 
     assert len(routing_records(layer)) == (0 if router == "lora" else 1)
 
 
+@pytest.mark.parametrize("tokens", [1, 10])  # at most r (decoding: the batched-GEMM update) and more
+@pytest.mark.parametrize("router", ROUTERS)
+def test_without_autograd_a_layer_compiles_to_one_graph(router, tokens):
+    """Evaluation and generation under ``torch.no_grad`` take the layer's paths without autograd Functions."""
+    layer = make_layer(router).eval()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(layer)(torch.randn(1, tokens, 16))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_a_decoder_layer_compiles_without_a_graph_break(family):
     model = get_mole_model(tiny_model(family, num_layers=2), MoLEConfig(router="sparsegen", num_experts=4, r=2))
@@ -92,3 +102,9 @@ def test_mole_parameters_are_unchanged_by_compiling():
     compile_mole_model(model)
     after = mole_parameters(model)
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+
+
+def test_compile_mole_model_is_exported_at_the_top_level():
+    import ldmole
+
+    assert ldmole.compile_mole_model is compile_mole_model and "compile_mole_model" in ldmole.__all__

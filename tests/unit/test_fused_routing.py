@@ -310,3 +310,93 @@ def test_a_learned_lambda_router_may_not_redefine_lam():
 
     with pytest.raises(ValueError, match="learned_lambda=True and redefines lam"):
         register_router(type("HalfLambda", (Router,), {"name": "test_half_lambda", "learned_lambda": True, "lam": lam}))
+
+
+# ---- Without autograd (evaluation, generation): separate GEMMs, Sparsegen without its autograd Function, and
+# for a few tokens the experts' update as a batched GEMM (no copy of B). The same outputs as with autograd.
+
+TOKENS = {"decoding": (1, 1), "tokens": (2, 5)}  # 1 <= r tokens: the batched-GEMM update; 10 > r: one GEMM
+
+
+@pytest.mark.parametrize("precision", ["float32", "autocast", "bf16 input"])
+@pytest.mark.parametrize("shape", list(TOKENS))
+@pytest.mark.parametrize("training, dropout, router_input", MODES)
+@pytest.mark.parametrize("router, input_norm", [(router, "none") for router in ROUTERS] + [("sparsegen", "rms")])
+def test_without_autograd_the_layer_gives_the_outputs_it_gives_with_autograd(router, input_norm, training, dropout,
+                                                                             router_input, shape, precision):
+    dtype = torch.bfloat16 if precision == "bf16 input" else torch.float32
+    layer = make_layer(router, dropout, router_input, input_norm, dtype=dtype).train(training)
+    x = torch.randn(*TOKENS[shape], D_IN).to(dtype)
+    outputs = []
+    for grad in (True, False):
+        torch.manual_seed(7)  # the same dropout mask
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
+            outputs.append(layer(x.clone().requires_grad_(grad)).detach().float())
+    with_grad, without = outputs
+    assert without.shape == with_grad.shape == (*TOKENS[shape], D_OUT)
+    tol = 1e-5 if precision == "float32" else 2e-2
+    error = float((without - with_grad).abs().max() / with_grad.abs().max())
+    assert error < tol, f"relative difference {error:.2e} without autograd"
+
+
+def test_without_autograd_every_matrix_has_its_own_gemm_and_no_weight_is_copied():
+    """Without a backward to share, concatenating W_g, W1 and A would only copy them (per call; costly when
+    decoding one token): each runs alone, and nothing is concatenated."""
+    layer = make_layer("sparsegen", 0.2, "x").eval()
+    with torch.no_grad():
+        assert linears_of(layer, torch.randn(2, 5, D_IN)) == [{"W_g"}, {"W1"}, {"W2"}, {"A"}]
+        cats = []
+
+        class CatLog(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if func is torch.cat:
+                    cats.append(func)
+                return func(*args, **(kwargs or {}))
+
+        with CatLog():
+            layer(torch.randn(1, 1, D_IN))
+    assert cats == []
+
+
+def test_without_autograd_lambda_runs_once_per_distinct_input():
+    model = get_mole_model(tiny_model("qwen3", num_layers=2),
+                           MoLEConfig(router="sparsegen", num_experts=4, r=2, lambda_hidden=16)).eval()
+    log = FirstLayerLog(model)
+    with torch.no_grad(), log:
+        model(input_ids=torch.randint(1, 96, (1, 1), generator=torch.Generator().manual_seed(0)))
+    assert log.calls == [f"model.layers.{i}.{m}" for i in range(2)
+                         for m in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")]
+
+
+# ---- What a training forward keeps for its backward.
+
+def saved_storages(layer: MoLELinear, x: torch.Tensor) -> list[tuple[tuple[int, ...], int]]:
+    """(shape, storage bytes) of every tensor autograd saves in one training forward of ``layer``."""
+    saved = []
+
+    def pack(tensor):
+        saved.append((tuple(tensor.shape), tensor.untyped_storage().nbytes()))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        layer(x)
+    return saved
+
+
+@pytest.mark.parametrize("router_input", ["x", "dropout"])
+def test_a_training_forward_keeps_no_copy_of_b_no_concatenated_weight_and_no_whole_gemm_output(router_input):
+    """The backward rebuilds B_cat and the concatenated [W_g; W1(; A)] from the parameters, and the scores and
+    hidden units are copied out of the routing GEMM's output, so that none of these copies (each the size of
+    a weight, or λ's H pre-activations per token) lives from the forward to the backward."""
+    layer = make_layer("sparsegen", 0.2, router_input).train()
+    hidden_width = layer.lambda_mlp.fc1.out_features
+    tokens = 10
+    saved = saved_storages(layer, torch.randn(2, 5, D_IN, requires_grad=True))
+    shapes = {shape for shape, _ in saved}
+    e_r = EXPERTS * RANK
+    assert (D_OUT, e_r) not in shapes and (e_r, D_OUT) not in shapes, "a copy of B_cat is saved"
+    for rows in (EXPERTS + hidden_width, EXPERTS + hidden_width + e_r):
+        assert (rows, D_IN) not in shapes, "the concatenated routing weight is saved"
+    gemm_output_bytes = {4 * tokens * (EXPERTS + hidden_width), 4 * tokens * (EXPERTS + hidden_width + e_r)}
+    assert not any(nbytes in gemm_output_bytes for _, nbytes in saved), "the whole routing GEMM output is kept"
+    assert (2, 5, EXPERTS, RANK) in shapes or (tokens, EXPERTS, RANK) in shapes  # h, which the update's backward needs
