@@ -121,7 +121,7 @@ def test_ours_and_peft_train_the_same_parameter_count(result):
     (["--prompt-len", "8"], "--prompt-len applies to --decode --data random"),
     (["--profile", "nope"], "--profile 'nope' is not a measured variant"),
     (["--profile", "ldmole/gpu"], "--profile 'ldmole/gpu' is not a measured variant"),
-    (["--saved", "softmax"], "--saved 'softmax' is not a measured variant"),
+    (["--saved", "nope"], "--saved 'nope' is not a measured variant"),
     (["--decode", "--saved", "ldmole"], "decoding has no backward"),
 ])
 def test_bad_options_name_the_option_and_the_fix(cli, capsys, args, fragment):
