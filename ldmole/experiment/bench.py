@@ -61,7 +61,7 @@ import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -377,27 +377,38 @@ def profile_table(step: Stepper, device: torch.device, rows: int) -> str:
     return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 
+def saved_storages(forward: Callable[[], Any], exclude: set[int],
+                   describe: Callable[[torch.Tensor], Any] = lambda tensor: None) -> dict[int, tuple[int, Any]]:
+    """What autograd saves for the backward while ``forward()`` runs: each distinct storage once (by its data
+    pointer, ``exclude`` left out: parameters, inputs) as ``{pointer: (bytes, describe(first tensor saved))}``."""
+    seen: dict[int, tuple[int, Any]] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer not in exclude and pointer not in seen and storage.nbytes() > 0:
+            seen[pointer] = (storage.nbytes(), describe(tensor))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return seen
+
+
 def saved_bytes(step: Stepper) -> int:
     """Bytes of the distinct storages saved for backward in one forward, parameters and x excluded."""
     pre_existing = {t.untyped_storage().data_ptr() for t in step.variant.module.parameters()}
     pre_existing |= {p.untyped_storage().data_ptr() for p in step.variant.params}
     pre_existing.add(step.x.untyped_storage().data_ptr())
-    seen: dict[int, int] = {}
 
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in pre_existing and storage.nbytes() > 0:
-            seen[ptr] = storage.nbytes()
-        return t
-
-    step.zero()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def forward() -> None:
         with step.autocast():
-            out = step.variant.module(step.x)
-    del out
+            step.variant.module(step.x)
+
     step.zero()
-    return sum(seen.values())
+    seen = saved_storages(forward, pre_existing)
+    step.zero()
+    return sum(nbytes for nbytes, _ in seen.values())
 
 
 def resolve_device(text: str) -> torch.device:

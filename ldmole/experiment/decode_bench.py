@@ -31,7 +31,6 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..core.injection import get_mole_model
 from . import bench
 from .data.chat import get_chat_format
 from .data.features import encode_prompt
@@ -39,8 +38,8 @@ from .data.rows import load_split_rows
 from .data.tasks import get_task
 from .run import Run
 from .step_bench import (BASE, DEFAULT_PROMPT_LEN, METHODS, REFERENCE, BenchContext, StepBenchSettings,
-                         _error_text, _peft_model, _sync, bench_session, log_profiles, method_spec, profiled,
-                         quiet_loading, resolved)
+                         _error_text, _sync, bench_session, log_profiles, method_spec, profiled,
+                         quiet_loading, resolved, with_adapter)
 
 __all__ = ["run_decode_benchmark", "format_decode_table", "DECODE_TASK"]
 
@@ -62,13 +61,8 @@ def build_decode_variant(name: str, ctx: BenchContext) -> DecodeVariant:
     config = ctx.config(spec, f"{name}/decode", task=DECODE_TASK)
     run = Run(config)
     model = run.base_model()
-    if name != BASE:
-        model = _peft_model(model, config) if spec.peft else get_mole_model(model, config.mole)
-    model.to(ctx.device)
+    model = ctx.adopt(model if name == BASE else with_adapter(model, spec, config), ctx.device)
     model.eval()
-    if ctx.settings.share_weights:
-        ctx.frozen.share(model)
-    ctx.record_model(model)
     if ctx.batch is None:
         ctx.batch = {"input_ids": _prompt(ctx, run, model)}
     return DecodeVariant(name, "base (no adapter)" if name == BASE else spec.label, model)
@@ -188,7 +182,7 @@ def run_decode_benchmark(settings: StepBenchSettings, log: Callable[[str], None]
                              peak_mb=peak / 2**20 if peak is not None else None, generated=v.tokens,
                              compile=v.compiled, error=v.error))
         profiles = {v.name: bench.profile_table(_GenerationStepper(v, ctx), ctx.device, settings.profile_rows)
-                    for v in variants if v.error is None and profiled(settings, v.name)}
+                    for v in variants if v.error is None and profiled(settings.profile, v.name)}
         ref = next((r for r in rows if r["method"] == REFERENCE), None)
         for r in rows:
             r["ratio_vs_lora_r64"] = (r["ms_per_token"] / ref["ms_per_token"]
@@ -207,7 +201,7 @@ def run_decode_benchmark(settings: StepBenchSettings, log: Callable[[str], None]
                       rows=rows, profiles=profiles)
         log("")
         log(format_decode_table(result))
-        log_profiles(profiles, log)
+        log_profiles(profiles, log, "generation")
         return result
 
 

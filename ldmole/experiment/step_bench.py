@@ -637,6 +637,15 @@ class BenchContext:
     def batch_on(self, device: torch.device) -> dict:
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.batch.items()}
 
+    def adopt(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """A variant's model moved to ``device``, its frozen base weights replaced by the shared ones (unless
+        ``--no-share-weights``), and the model's shape recorded (from the first variant)."""
+        model.to(device)
+        if self.settings.share_weights:
+            self.frozen.share(model)
+        self.record_model(model)
+        return model
+
     def record_model(self, model: nn.Module) -> None:
         if self.model_info:
             return
@@ -699,10 +708,7 @@ def build_trainer_variant(spec: MethodSpec, ctx: BenchContext) -> Variant:
             compiled = f"trainer: {ctx.compile[0]}={ctx.compile[1]}" if ctx.compile else "trainer"
         else:  # no compile key in this trainer: compiled as the library path is
             compiled = "bench: " + library_compile(base)
-    base.to(accelerator.device)
-    if ctx.settings.share_weights:
-        ctx.frozen.share(base)
-    ctx.record_model(base)
+    ctx.adopt(base, accelerator.device)
     ctx.make_batch(run, base)
     trainer = Trainer(config, accelerator, run, base, routing_loss_terms(config, controller), controller)
     variant = Variant(spec, "trainer", step=lambda: None, params=list(trainer.trainable),
@@ -716,6 +722,11 @@ def build_trainer_variant(spec: MethodSpec, ctx: BenchContext) -> Variant:
 
     variant.step = step
     return variant
+
+
+def with_adapter(model: nn.Module, spec: MethodSpec, config: RunConfig) -> nn.Module:
+    """The base ``model`` with the method's adapter: PEFT's LoRA for ``spec.peft``, else ``get_mole_model``."""
+    return _peft_model(model, config) if spec.peft else get_mole_model(model, config.mole)
 
 
 def _peft_model(model: nn.Module, config: RunConfig) -> nn.Module:
@@ -736,13 +747,8 @@ def build_library_variant(spec: MethodSpec, ctx: BenchContext) -> Variant:
     """The method through the library API alone (or PEFT): base model, adapter, AdamW, losses, a plain loop."""
     config = ctx.config(spec, f"{spec.name}/library")
     run = Run(config)
-    model = run.base_model()
-    model = _peft_model(model, config) if spec.peft else get_mole_model(model, config.mole)
-    model.to(ctx.device)
+    model = ctx.adopt(with_adapter(run.base_model(), spec, config), ctx.device)
     model.train()
-    if ctx.settings.share_weights:
-        ctx.frozen.share(model)
-    ctx.record_model(model)
     ctx.make_batch(run, model)
     params = [p for p in model.parameters() if p.requires_grad] if spec.peft else list(mole_parameters(model).values())
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
@@ -859,15 +865,15 @@ def run_rounds(variants: list[Variant], warmup: int, steps: int, device: torch.d
     return times
 
 
-def profiled(settings: StepBenchSettings, method: str, path: Optional[str] = None, option: str = "profile") -> bool:
-    """Whether ``--profile`` (or ``--saved``) names this variant (a method alone names all its paths)."""
-    return any(name in (method, f"{method}/{path}") for name in getattr(settings, option) or [])
+def profiled(names: Optional[list], method: str, path: Optional[str] = None) -> bool:
+    """Whether ``names`` (``--profile`` or ``--saved``) name this variant (a method alone names all its paths)."""
+    return any(name in (method, f"{method}/{path}") for name in names or [])
 
 
 def saved_tensors(variant: Variant) -> list[dict]:
-    """What autograd keeps from one more step's forward for its backward: the distinct storages saved (trainable
-    and frozen parameters left out), each counted once, under the innermost module running when it was first
-    saved (an adapted projection as ``MoLELinear <q_proj>``) and its shape after the first dimension. Rows
+    """What autograd keeps from one more step's forward for its backward (:func:`bench.saved_storages`: each
+    storage once, trainable and frozen parameters left out), under the innermost module running when it was
+    first saved (an adapted projection as ``MoLELinear <q_proj>``) and its shape after the first dimension. Rows
     ``{"module", "shape", "mb", "tensors"}``, largest first."""
     from ..core.layer import MoLELinear
 
@@ -880,24 +886,15 @@ def saved_tensors(variant: Variant) -> list[dict]:
         handles.append(module.register_forward_pre_hook(lambda _m, _a, label=label: stack.append(label)))
         handles.append(module.register_forward_hook(lambda _m, _a, _o: stack.pop() and None))
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, tuple[str, tuple, int]] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        pointer = storage.data_ptr()
-        if pointer not in parameters and pointer not in seen and storage.nbytes() > 0:
-            seen[pointer] = (stack[-1] if stack else "(outside any module)", tuple(tensor.shape[1:]), storage.nbytes())
-        return tensor
-
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            variant.step()
+        seen = bench.saved_storages(variant.step, parameters, lambda tensor: (
+            stack[-1] if stack else "(outside any module)", tuple(tensor.shape[1:])))
     finally:
         for handle in handles:
             handle.remove()
     totals: dict[tuple[str, tuple], list[int]] = {}
-    for module, shape, nbytes in seen.values():
-        entry = totals.setdefault((module, shape), [0, 0])
+    for nbytes, key in seen.values():
+        entry = totals.setdefault(key, [0, 0])
         entry[0] += nbytes
         entry[1] += 1
     rows = [dict(module=module, shape=list(shape), mb=nbytes / 2**20, tensors=count)
@@ -915,10 +912,10 @@ def format_saved_tensors(entries: list[dict], rows: int) -> str:
     return "\n".join(lines)
 
 
-def log_profiles(profiles: dict, log: Callable[[str], None]) -> None:
-    """Logs each ``--profile`` table (``torch.profiler`` ops by self time of one more step or generation)."""
+def log_profiles(profiles: dict, log: Callable[[str], None], what: str = "step") -> None:
+    """Logs each ``--profile`` table (``torch.profiler`` ops by self time of one more ``what``: step or generation)."""
     for name, table in profiles.items():
-        log(f"\n### torch.profiler, {name}: one more step, ops by self time\n")
+        log(f"\n### torch.profiler, {name}: one more {what}, ops by self time\n")
         log(table)
 
 
@@ -1051,9 +1048,9 @@ def run_step_benchmark(settings: StepBenchSettings, log: Callable[[str], None] =
             peaks = {v.name: _peak_bytes(v, ctx.device) if v.error is None else None for v in variants}
             rows = _rows(variants, times, peaks, tokens)
             profiles = {v.name: bench.profile_table(_Stepper(v), ctx.device, settings.profile_rows)
-                        for v in variants if v.error is None and profiled(settings, v.spec.name, v.path)}
+                        for v in variants if v.error is None and profiled(settings.profile, v.spec.name, v.path)}
             saved = {v.name: saved_tensors(v) for v in variants
-                     if v.error is None and profiled(settings, v.spec.name, v.path, "saved")}
+                     if v.error is None and profiled(settings.saved, v.spec.name, v.path)}
         finally:
             gc.unfreeze()
         if hasattr(os, "getloadavg"):
