@@ -9,6 +9,8 @@ import json
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY = ["--shapes", "32x48", "--tokens", "16", "--experts", "4", "--rank", "2", "--iters", "2", "--warmup", "0"]
 
 
@@ -24,16 +26,6 @@ def bench():
     from ldmole.experiment import bench as module
 
     return module
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP threads
-    waiting for a busy core make each tiny op take milliseconds; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def expected_variants(bench) -> set[str]:

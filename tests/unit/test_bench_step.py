@@ -12,6 +12,8 @@ import torch
 
 from tests.helpers import DATA_DIR, tokenizer_dir
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # A 1-layer tiny Qwen3 with the fixture's 1024-token tokenizer: every variant builds in well under a second.
 TINY = ["--model", "tiny_qwen3", "--layers", "1", "--tokenizer", str(DATA_DIR / "tokenizers" / "qwen3"),
         "--data-dir", str(DATA_DIR), "--batch", "4", "--warmup", "1", "--steps", "2", "--threads", "1",
@@ -20,15 +22,6 @@ ROW_KEYS = {"method", "label", "path", "median_ms", "min_ms", "times_ms", "token
             "trainer_over_library", "peak_mb", "state_mb", "trainable_params", "params_changed", "lora_b_moved",
             "compile",
             "timed_compiles", "notes", "error"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes gain nothing from intra-op threads on a loaded 2-core machine; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
