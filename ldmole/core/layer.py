@@ -137,7 +137,7 @@ class MoLELinear(nn.Module):
             x32 = route_in.float()
             scores = F.linear(x32, weight)
             if mlp is not None and lam is None:
-                lam = mlp(route_in)
+                lam = mlp(x32)  # the float32 input already made (mlp(route_in) would convert a bf16 input again)
                 mlp.remember(route_in, lam)
             elif mlp is None:
                 lam = router.lam(route_in, scores)
